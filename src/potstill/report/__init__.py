@@ -1,0 +1,7 @@
+"""Run reports: loss-curve figures and a markdown summary (matplotlib is imported lazily)."""
+
+from __future__ import annotations
+
+from potstill.report.plots import plot_loss_curves, read_metrics, write_report
+
+__all__ = ["plot_loss_curves", "read_metrics", "write_report"]

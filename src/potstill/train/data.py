@@ -1,0 +1,102 @@
+"""Training data for the recipe: token blocks and a resumable, rank-aware order.
+
+The order is a pure function of ``(seed, epoch)``; micro-batch ``g`` (counted
+globally from the start of the run) is rows ``[i*G, (i+1)*G)`` of epoch
+``g // batches_per_epoch``'s permutation, where ``G = micro_batch * world`` and
+``i = g % batches_per_epoch``; process ``r`` takes every ``world``-th of them.
+So the data position is one integer, and a resumed run sees exactly the
+batches the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from potstill.config import DistillConfig
+from potstill.errors import PotstillError
+
+
+@dataclass
+class TrainData:
+    blocks: Tensor  # [N, T] long
+    mask: Tensor  # [N, T] long (all ones when packed)
+    labels: Tensor  # [N, T] long, next-token targets aligned with logits, -100 = ignore
+    micro_batch_size: int
+    world_size: int
+    seed: int
+    eval_blocks: Tensor | None = None
+    eval_mask: Tensor | None = None
+    fingerprint: str = ""
+    _perm_cache: dict[int, Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def n_train(self) -> int:
+        return int(self.blocks.shape[0])
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.n_train // (self.micro_batch_size * self.world_size)
+
+    def _perm(self, epoch: int) -> Tensor:
+        if epoch not in self._perm_cache:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._perm_cache = {epoch: torch.randperm(self.n_train, generator=g)}
+        return self._perm_cache[epoch]
+
+    def micro_batch(self, g: int, rank: int) -> dict[str, Tensor]:
+        """Global micro-batch ``g``'s share for process ``rank``."""
+        epoch, i = divmod(g, self.batches_per_epoch)
+        size = self.micro_batch_size * self.world_size
+        rows = self._perm(epoch)[i * size : (i + 1) * size][rank :: self.world_size]
+        return {
+            "input_ids": self.blocks[rows],
+            "attention_mask": self.mask[rows],
+            "labels": self.labels[rows],
+        }
+
+
+def _blocks(texts: list[str], tokenizer: Any, seq_len: int, packing: bool) -> tuple[Tensor, Tensor]:
+    from potstill.data import pack_sequences, pad_sequences, tokenize_texts
+
+    tokens = tokenize_texts(texts, tokenizer)
+    if packing:
+        blocks = pack_sequences(tokens, seq_len)
+        return blocks, torch.ones_like(blocks)
+    pad_id = (
+        tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    )
+    return pad_sequences(tokens, seq_len, pad_id)
+
+
+def prepare_data(cfg: DistillConfig, tokenizer: Any, *, world_size: int) -> TrainData:
+    """Load, tokenize and block the train and eval texts; check there is enough."""
+    from potstill.data import load_texts, make_labels
+
+    dc = cfg.data
+    texts = load_texts(dc.train)
+    blocks, mask = _blocks(texts, tokenizer, dc.seq_len, dc.packing)
+    need = cfg.train.micro_batch_size * world_size
+    if blocks.shape[0] < need:
+        raise PotstillError(
+            f"data.train {dc.train!r} gives {blocks.shape[0]} sequences of {dc.seq_len} tokens, fewer than "
+            f"one global micro-batch ({need}); add text, or lower data.seq_len / train.micro_batch_size"
+        )
+    labels = make_labels(blocks, mask)
+    fp = hashlib.sha256(blocks.numpy().tobytes()).hexdigest()[:16]
+    data = TrainData(
+        blocks, mask, labels, cfg.train.micro_batch_size, world_size, cfg.train.seed, fingerprint=fp
+    )
+    if dc.eval:
+        eblocks, emask = _blocks(load_texts(dc.eval), tokenizer, dc.seq_len, dc.packing)
+        if eblocks.shape[0] == 0:
+            raise PotstillError(
+                f"data.eval {dc.eval!r} gives no sequence of {dc.seq_len} tokens; "
+                "add text or lower data.seq_len"
+            )
+        data.eval_blocks, data.eval_mask = eblocks[: dc.eval_blocks], emask[: dc.eval_blocks]
+    return data

@@ -1,0 +1,513 @@
+"""The distillation recipe: one training loop, read top to bottom.
+
+``run_distill(cfg)`` does, in order:
+
+1. validate every input (texts, tokenizer, teacher, tokenizer agreement) before
+   anything is written, so bad input leaves no half-made run folder;
+2. build the student, AdamW and a warm-up + cosine schedule, and hand them to
+   accelerate (one process, or DDP under ``accelerate launch``);
+3. loop over optimizer steps; each step consumes ``grad_accum`` micro-batches
+   per process, and the loss is normalised by the unmasked-token count of the
+   *whole* step across all processes and micro-batches, so neither gradient
+   accumulation nor the number of processes changes the gradient;
+4. log both loss terms (KD is often 100-1000x smaller than CE), evaluate, and
+   checkpoint atomically; a non-finite loss stops the run and keeps the last
+   good checkpoint;
+5. save the student as a plain Hugging Face directory and plot the curves.
+
+The data order is a pure function of ``(train.seed, epoch)``, and the data
+position is the number of micro-batches consumed, so ``resume=True`` replays
+exactly what an uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from potstill.config import DistillConfig, dump_config
+from potstill.errors import PotstillError, TrainingDiverged
+from potstill.io import atomic_dir, atomic_write_text
+from potstill.train.checkpoint import Progress, find_resume_point, list_checkpoints, save_checkpoint
+from potstill.train.data import TrainData, prepare_data
+from potstill.train.student import build_student, count_params
+
+
+class HiddenLM(nn.Module):
+    """Wraps a causal LM so its forward returns final hidden states [B,T,H].
+
+    The projection to the vocabulary is done by the loss (possibly in token
+    chunks), so the full [B,T,V] logits never have to exist at once. Wrapping,
+    rather than calling ``model.model`` directly, keeps DDP's gradient hooks
+    in the forward path.
+    """
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        out = self.lm.model(input_ids=input_ids, attention_mask=attention_mask)
+        return out.last_hidden_state
+
+    @property
+    def head_weight(self) -> Tensor:
+        return self.lm.get_output_embeddings().weight
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total`` steps."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def make_optimizer(model: nn.Module, cfg: DistillConfig) -> torch.optim.Optimizer:
+    # Decay matrices only: norms and biases are not decayed (standard for LMs).
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    o = cfg.optim
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": o.weight_decay}, {"params": other, "weight_decay": 0.0}],
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
+    )
+
+
+@dataclass
+class StepStats:
+    """Per-process sums over one optimizer step (normalised after an all-reduce)."""
+
+    total: Tensor
+    ce: Tensor
+    kd: Tensor
+
+    @classmethod
+    def zeros(cls) -> StepStats:
+        return cls(torch.zeros(()), torch.zeros(()), torch.zeros(()))
+
+
+def make_objective(cfg: DistillConfig, stats: StepStats) -> Callable[..., Tensor]:
+    """``alpha*CE + (1-alpha)*KD`` as token *sums*; records each term for logging."""
+    from potstill.losses import LOSSES, ce_plus_kd, cross_entropy
+
+    lc = cfg.loss
+    kd_fn = LOSSES[lc.kind]
+    extra: dict[str, float] = {}
+    if lc.kind == "generalized_jsd":
+        extra["beta"] = lc.beta
+    elif lc.kind.startswith("skew_"):
+        extra["alpha"] = lc.skew_alpha
+
+    def objective(
+        student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor, **_: Any
+    ) -> Tensor:
+        ce = cross_entropy(student_logits, labels, reduction="sum")
+        stats.ce += ce.detach().float().cpu()
+        if teacher_logits is None:
+            total = ce
+        else:
+            kd = kd_fn(
+                student_logits,
+                teacher_logits,
+                labels,
+                temperature=lc.temperature,
+                reduction="sum",
+                **extra,
+            )
+            stats.kd += kd.detach().float().cpu()
+            total = ce_plus_kd(ce, kd, alpha=lc.ce_weight)
+        stats.total += total.detach().float().cpu()
+        return total
+
+    return objective
+
+
+def micro_loss(
+    model: HiddenLM,
+    teacher: Any,
+    batch: dict[str, Tensor],
+    cfg: DistillConfig,
+    objective: Callable[..., Tensor],
+) -> Tensor:
+    """Sum of the objective over one micro-batch's unmasked tokens."""
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    hidden = model(ids, mask)
+    weight = model.module.head_weight if hasattr(model, "module") else model.head_weight
+    if cfg.loss.chunk_tokens is not None and teacher is not None:
+        from potstill.losses import fused_linear_kd_loss
+
+        with torch.no_grad():
+            t_hidden, t_weight = teacher.hidden_and_head(ids, mask)
+        h = hidden.reshape(-1, hidden.shape[-1])
+        th = t_hidden.reshape(-1, t_hidden.shape[-1])
+        vocab = teacher.vocab_size
+        return fused_linear_kd_loss(
+            objective,
+            h,
+            weight[:vocab],
+            (th, t_weight[:vocab]),
+            labels.reshape(-1),
+            chunk_tokens=cfg.loss.chunk_tokens,
+            reduction="sum",
+        )
+    logits = F.linear(hidden, weight)
+    if teacher is None:
+        return objective(logits, None, labels)
+    with torch.no_grad():
+        t_logits = teacher.logits(ids, mask)
+    vocab = teacher.vocab_size
+    return objective(logits[..., :vocab], t_logits[..., :vocab], labels)
+
+
+def load_teacher(cfg: DistillConfig, tokenizer: Any, student_vocab: int) -> Any:
+    if cfg.loss.ce_weight >= 1.0:
+        return None  # CE alone: the teacher is not needed (baseline runs)
+    from potstill.teachers import HFTeacher
+
+    dtype = torch.bfloat16 if cfg.teacher.dtype == "bfloat16" else torch.float32
+    return HFTeacher.from_spec(
+        cfg.teacher.spec, student_tokenizer=tokenizer, student_vocab_size=student_vocab, dtype=dtype
+    )
+
+
+def load_student(cfg: DistillConfig, tokenizer: Any) -> nn.Module:
+    if cfg.student.init == "scratch":
+        return build_student(cfg.student, tokenizer, max_len=cfg.data.seq_len)
+    from potstill.teachers import check_tokenizers_agree, load_model
+
+    assert cfg.student.checkpoint is not None
+    model, tok = load_model(cfg.student.checkpoint)
+    check_tokenizers_agree(
+        tokenizer, tok, teacher_name=cfg.teacher.spec, student_name=cfg.student.checkpoint
+    )
+    return model
+
+
+def _check_out_dir(out: Path, resume: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise PotstillError(
+            f"out_dir {out} already holds a run; pass --resume to continue it, "
+            "or set out_dir=<new folder>"
+        )
+
+
+def run_distill(
+    cfg: DistillConfig,
+    *,
+    resume: bool = False,
+    stop_after: int | None = None,
+    show_progress: bool = True,
+) -> Path:
+    """Train a student by distillation; returns the run folder.
+
+    ``stop_after`` ends the loop after that many optimizer steps (as a crash
+    would, but cleanly, right after a checkpoint); tests use it to check that
+    resuming reproduces an uninterrupted run bit for bit.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from potstill.teachers import load_tokenizer
+
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    acc = Accelerator(mixed_precision="bf16" if cfg.train.bf16 else "no")
+    out = Path(cfg.out_dir)
+    _check_out_dir(out, resume)
+
+    # 1. Validate every input before writing anything.
+    tokenizer = load_tokenizer(cfg.teacher.spec)
+    data = prepare_data(cfg, tokenizer, world_size=acc.num_processes)
+    set_seed(cfg.train.seed)
+    student = load_student(cfg, tokenizer)
+    vocab = student.get_output_embeddings().weight.shape[0]
+    teacher = load_teacher(cfg, tokenizer, vocab)
+    config_dict = json.loads(json.dumps(cfg.model_dump(mode="json")))
+    config_dict.pop("out_dir")
+    resume_from = (
+        find_resume_point(out / "checkpoints", config_dict, acc.num_processes) if resume else None
+    )
+
+    # 2. Model, optimizer, schedule.
+    model = HiddenLM(student)
+    optimizer = make_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio)
+    )
+    # The scheduler is NOT passed through accelerate.prepare: accelerate steps a
+    # prepared scheduler once per process per step (it assumes sharded epochs),
+    # which would make the LR schedule depend on the number of processes.
+    model, optimizer = acc.prepare(model, optimizer)
+    acc.register_for_checkpointing(sched)
+    progress = Progress(
+        step=0, tokens=0, micro_batches=0, world_size=acc.num_processes, config=config_dict
+    )
+    if resume_from is not None:
+        acc.load_state(str(resume_from[0]))
+        progress = resume_from[1]
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", dump_config(cfg))
+        _write_run_info(out, cfg, acc, count_params(student), data, teacher)
+        _truncate_metrics(out / "metrics.jsonl", progress.step)
+    acc.wait_for_everyone()
+
+    # 3. The loop.
+    _train_loop(
+        cfg,
+        acc,
+        model,
+        optimizer,
+        sched,
+        teacher,
+        data,
+        progress,
+        out,
+        stop_after=stop_after,
+        show_progress=show_progress,
+    )
+    if stop_after is not None and progress.step < cfg.train.steps:
+        return out
+
+    # 5. Outputs.
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        unwrapped = acc.unwrap_model(model).lm
+        with atomic_dir(out / "student") as tmp:
+            unwrapped.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        _plot(out)
+    acc.wait_for_everyone()
+    return out
+
+
+def _train_loop(
+    cfg: DistillConfig,
+    acc: Any,
+    model: Any,
+    optimizer: Any,
+    sched: Any,
+    teacher: Any,
+    data: TrainData,
+    progress: Progress,
+    out: Path,
+    *,
+    stop_after: int | None,
+    show_progress: bool,
+) -> None:
+    tc = cfg.train
+    stats = StepStats.zeros()
+    objective = make_objective(cfg, stats)
+    metrics_path = out / "metrics.jsonl"
+    t0, tokens0 = time.perf_counter(), progress.tokens
+    bar = _progress_bar(acc.is_main_process and show_progress, cfg.train.steps, progress.step)
+    model.train()
+    while progress.step < tc.steps:
+        batches = [
+            data.micro_batch(progress.micro_batches + i, acc.process_index)
+            for i in range(tc.grad_accum)
+        ]
+        # Unmasked tokens of the whole step, summed over processes: the one normaliser.
+        local_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
+        n_tokens = int(acc.reduce(torch.tensor(local_tokens, device=acc.device), "sum").item())
+        # DDP averages gradients over processes; multiply back so the result is a global token mean.
+        scale = acc.num_processes / max(1, n_tokens)
+        stats.total.zero_(), stats.ce.zero_(), stats.kd.zero_()
+        applied = torch.zeros(())  # what backward actually saw, to catch NaNs the terms miss
+        for i, batch in enumerate(batches):
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            sync = i == len(batches) - 1
+            ctx = acc.no_sync(model) if not sync else _null()
+            with ctx, acc.autocast():
+                loss = micro_loss(model, teacher, batch, cfg, objective) * scale
+            acc.backward(loss)
+            applied += loss.detach().float().cpu()
+        sums = acc.reduce(
+            torch.stack([stats.total, stats.ce, stats.kd, applied]).to(acc.device), "sum"
+        )
+        total, ce, kd = (float(x) / max(1, n_tokens) for x in sums[:3].cpu())
+        if not (math.isfinite(total) and math.isfinite(float(sums[3]))):
+            optimizer.zero_grad(set_to_none=True)
+            last = list_checkpoints(out / "checkpoints")
+            where = (
+                f"last good checkpoint: {last[-1][1]}" if last else "no checkpoint was written yet"
+            )
+            raise TrainingDiverged(
+                f"loss became non-finite ({total if not math.isfinite(total) else float(sums[3])}) at step {progress.step + 1}; the update was not "
+                f"applied; {where}. Lower optim.lr, keep optim.grad_clip on, or disable train.bf16"
+            )
+        grad_norm = (
+            acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            if cfg.optim.grad_clip
+            else None
+        )
+        lr = sched.get_last_lr()[0]
+        optimizer.step()
+        sched.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.step += 1
+        progress.micro_batches += tc.grad_accum
+        progress.tokens += n_tokens
+        elapsed = time.perf_counter() - t0
+        if acc.is_main_process and (progress.step % tc.log_every == 0 or progress.step == tc.steps):
+            row = {
+                "split": "train",
+                "step": progress.step,
+                "tokens": progress.tokens,
+                "loss": total,
+                "ce": ce,
+                "kd": kd if teacher is not None else None,
+                "lr": lr,
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "tok_per_s": (progress.tokens - tokens0) / max(elapsed, 1e-9),
+            }
+            _append_metrics(metrics_path, row)
+        if bar is not None:
+            bar.update(progress.step, loss=total)
+        last_step = progress.step == tc.steps or progress.step == stop_after
+        if (tc.eval_every and progress.step % tc.eval_every == 0) or last_step:
+            _evaluate(acc, model, data, progress, metrics_path)
+        if (tc.save_every and progress.step % tc.save_every == 0) or last_step:
+            save_checkpoint(acc, out / "checkpoints", progress, keep=tc.keep_checkpoints)
+        if progress.step == stop_after:
+            break
+    if bar is not None:
+        bar.close()
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _evaluate(acc: Any, model: Any, data: TrainData, progress: Progress, path: Path) -> None:
+    if data.eval_blocks is None:
+        return
+    if acc.is_main_process:
+        from potstill.evaluate import evaluate_lm
+
+        lm = acc.unwrap_model(model).lm
+        lm.eval()
+        res = evaluate_lm(lm, data.eval_blocks, attention_mask=data.eval_mask, batch_size=8)
+        lm.train()
+        _append_metrics(
+            path,
+            {
+                "split": "eval",
+                "step": progress.step,
+                "tokens": progress.tokens,
+                "eval_nll": res["nll"],
+                "eval_ppl": res["ppl"],
+            },
+        )
+    acc.wait_for_everyone()
+
+
+def _append_metrics(path: Path, row: dict[str, Any]) -> None:
+    with path.open("a") as fh:
+        fh.write(json.dumps(row) + "\n")
+        fh.flush()
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop rows logged after the checkpoint so no step appears twice."""
+    if not path.exists():
+        return
+    keep = [
+        ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step
+    ]
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+
+def _write_run_info(
+    out: Path, cfg: DistillConfig, acc: Any, n_params: int, data: TrainData, teacher: Any
+) -> None:
+    import platform
+
+    import transformers
+
+    info = {
+        "potstill_config": cfg.model_dump(mode="json"),
+        "world_size": acc.num_processes,
+        "global_batch_sequences": cfg.train.micro_batch_size
+        * cfg.train.grad_accum
+        * acc.num_processes,
+        "student_params": n_params,
+        "teacher": None
+        if teacher is None
+        else {"name": teacher.name, "vocab_size": teacher.vocab_size},
+        "train_sequences": data.n_train,
+        "train_fingerprint": data.fingerprint,
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+        "threads": torch.get_num_threads(),
+    }
+    atomic_write_text(out / "run_info.json", json.dumps(info, indent=2) + "\n")
+
+
+def _plot(out: Path) -> None:
+    from potstill.report import plot_loss_curves
+
+    plot_loss_curves(out / "metrics.jsonl", out / "loss_curve.png", title=out.name)
+
+
+class _Bar:
+    def __init__(self, total: int, start: int) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.p = Progress(
+            TextColumn("distill"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            transient=False,
+        )
+        self.task = self.p.add_task("distill", total=total, completed=start, loss=float("nan"))
+        self.p.start()
+
+    def update(self, step: int, *, loss: float) -> None:
+        self.p.update(self.task, completed=step, loss=loss)
+
+    def close(self) -> None:
+        self.p.stop()
+
+
+def _progress_bar(enabled: bool, total: int, start: int) -> _Bar | None:
+    return _Bar(total, start) if enabled else None
+
+
+def remove_run(out: Path) -> None:
+    """Used by callers that created ``out`` and must not leave it half-written."""
+    shutil.rmtree(out, ignore_errors=True)

@@ -1,0 +1,31 @@
+"""Shared fixtures: a tiny distillation config and a hermetic cache directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Never reach a model hub from tests; keep library chatter down.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+@pytest.fixture(autouse=True)
+def _hermetic_cache(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A per-session cache so tests never depend on (or pollute) ~/.cache/potstill.
+    if "POTSTILL_TEST_REAL_CACHE" not in os.environ:
+        monkeypatch.setenv("POTSTILL_CACHE", str(tmp_path_factory.getbasetemp() / "potstill-cache"))
+
+
+def tiny_overrides(out_dir: Path, **extra: object) -> list[str]:
+    """Overrides that make configs/tiny.yaml fast and self-contained for one test."""
+    items = {"out_dir": str(out_dir), "train.threads": 1, **extra}
+    return [f"{k}={v}" for k, v in items.items()]
