@@ -137,7 +137,31 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--train-data", default=None, help="training text source")
     m.add_argument("--heldout-data", default=None, help="held-out text source")
     m.set_defaults(func=cmd_demo)
+    for module in PLUGINS:
+        _register_plugin(sub, module)
     return p
+
+
+# Verbs that live next to their code. Each module exposes `register(subparsers)`
+# and must import only argparse-level things at module import.
+PLUGINS = (
+    "potstill.teachers.cache_cli",
+    "potstill.serve.cli",
+    "potstill.harvest.cli",
+    "potstill.watermark.cli",
+)
+
+
+def _register_plugin(sub: argparse._SubParsersAction, module: str) -> None:
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and module.startswith(exc.name):
+            return  # that verb's package is not built yet
+        raise
+    mod.register(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -33,7 +33,10 @@ class _Strict(BaseModel):
 class TeacherConfig(_Strict):
     spec: str = Field(
         "smollm2-135m-instruct",
-        description="Teacher model spec: tiny:<seed>[:<L>x<W>], an alias, an HF directory or a .gguf file.",
+        description=(
+            "Teacher: a model spec (tiny:<seed>[:<L>x<W>], an alias, an HF directory, a .gguf file), "
+            "cache:DIR (a logit cache), or none (the data carries the teacher's outputs)."
+        ),
     )
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Dtype the teacher's weights are loaded in."
@@ -57,6 +60,9 @@ class StudentConfig(_Strict):
         None, ge=1, description="MLP size; default 8/3 * width, rounded to 64."
     )
     seed: int = Field(0, description="Seed of the scratch student's initialisation.")
+    tokenizer: str | None = Field(
+        None, description="Model spec whose tokenizer the student uses; default: the teacher's."
+    )
 
     @model_validator(mode="after")
     def _checkpoint_given(self) -> StudentConfig:

@@ -23,7 +23,8 @@ from potstill.config import DistillConfig
 # run as a file (a test keeps them equal).
 DEFAULTS: dict[str, Any] = {
     "teacher": "smollm2-135m-instruct",
-    "steps": 120,
+    "teacher_dtype": "bfloat16",
+    "steps": 100,
     "student_layers": 4,
     "student_width": 256,
     "seq_len": 128,
@@ -40,6 +41,7 @@ class DemoSettings:
 
     out_dir: Path = Path("runs/demo")
     teacher: str | None = None
+    teacher_dtype: str | None = None
     steps: int | None = None
     student_layers: int | None = None
     student_width: int | None = None
@@ -61,7 +63,7 @@ class DemoSettings:
 def demo_configs(s: dict[str, Any], out: Path) -> tuple[DistillConfig, DistillConfig]:
     """The distilled and baseline configs: identical except the objective."""
     common = {
-        "teacher": {"spec": s["teacher"]},
+        "teacher": {"spec": s["teacher"], "dtype": s["teacher_dtype"]},
         "student": {"layers": s["student_layers"], "width": s["student_width"], "seed": 0},
         "optim": {"lr": 2e-3, "warmup_steps": 10, "min_lr_ratio": 0.1, "weight_decay": 0.1},
         "data": {"train": s["train"], "eval": None, "seq_len": s["seq_len"], "packing": True},

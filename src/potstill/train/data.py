@@ -10,15 +10,25 @@ batches the uninterrupted run would have.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from potstill.config import DistillConfig
 from potstill.errors import PotstillError
+
+
+class SparseTargets(Protocol):
+    """Per-sequence top-k teacher targets (a logit cache, harvested logprobs)."""
+
+    def lookup(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """rows [b] (indices into the training blocks) -> (ids [b,T,K] long, logprobs [b,T,K] float).
+
+        Slots with id -1 are empty (fewer than K entries known at that position).
+        """
+        ...
 
 
 @dataclass
@@ -32,6 +42,7 @@ class TrainData:
     eval_blocks: Tensor | None = None
     eval_mask: Tensor | None = None
     fingerprint: str = ""
+    targets: SparseTargets | None = None
     _perm_cache: dict[int, Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -53,11 +64,15 @@ class TrainData:
         epoch, i = divmod(g, self.batches_per_epoch)
         size = self.micro_batch_size * self.world_size
         rows = self._perm(epoch)[i * size : (i + 1) * size][rank :: self.world_size]
-        return {
+        batch = {
             "input_ids": self.blocks[rows],
             "attention_mask": self.mask[rows],
             "labels": self.labels[rows],
+            "rows": rows,
         }
+        if self.targets is not None:
+            batch["topk_ids"], batch["topk_logprobs"] = self.targets.lookup(rows)
+        return batch
 
 
 def _blocks(texts: list[str], tokenizer: Any, seq_len: int, packing: bool) -> tuple[Tensor, Tensor]:
@@ -74,29 +89,55 @@ def _blocks(texts: list[str], tokenizer: Any, seq_len: int, packing: bool) -> tu
 
 
 def prepare_data(cfg: DistillConfig, tokenizer: Any, *, world_size: int) -> TrainData:
-    """Load, tokenize and block the train and eval texts; check there is enough."""
-    from potstill.data import load_texts, make_labels
+    """Load, tokenize and block the train and eval data; check there is enough.
+
+    ``data.train`` is a text source (potstill.data.load_texts), or harvested
+    conversations (``harvest:STORE.sqlite`` or ``messages:FILE.jsonl|.parquet``),
+    whose labels are masked to assistant tokens and which may carry the API's
+    top-k logprobs as sparse targets. ``teacher.spec=cache:DIR`` attaches a
+    logit cache's top-k targets instead.
+    """
+    from potstill.data import BlockDataset, load_texts, make_labels
 
     dc = cfg.data
-    texts = load_texts(dc.train)
-    blocks, mask = _blocks(texts, tokenizer, dc.seq_len, dc.packing)
+    targets: SparseTargets | None = None
+    if dc.train.startswith(("harvest:", "messages:")):
+        from potstill.harvest.dataset import load_chat_data
+
+        chat = load_chat_data(
+            dc.train, tokenizer, seq_len=dc.seq_len, with_logprobs=cfg.loss.ce_weight < 1.0
+        )
+        blocks, mask, labels, targets = chat.blocks, chat.mask, chat.labels, chat.targets
+    else:
+        blocks, mask = _blocks(load_texts(dc.train), tokenizer, dc.seq_len, dc.packing)
+        labels = make_labels(blocks, mask)
     need = cfg.train.micro_batch_size * world_size
     if blocks.shape[0] < need:
         raise PotstillError(
             f"data.train {dc.train!r} gives {blocks.shape[0]} sequences of {dc.seq_len} tokens, fewer than "
             f"one global micro-batch ({need}); add text, or lower data.seq_len / train.micro_batch_size"
         )
-    labels = make_labels(blocks, mask)
-    fp = hashlib.sha256(blocks.numpy().tobytes()).hexdigest()[:16]
+    fp = BlockDataset(blocks, mask).fingerprint()
     data = TrainData(
-        blocks, mask, labels, cfg.train.micro_batch_size, world_size, cfg.train.seed, fingerprint=fp
+        blocks,
+        mask,
+        labels,
+        cfg.train.micro_batch_size,
+        world_size,
+        cfg.train.seed,
+        fingerprint=fp,
+        targets=targets,
     )
+    if cfg.teacher.spec.startswith("cache:"):
+        from potstill.teachers.cache import open_cache_targets
+
+        data.targets = open_cache_targets(
+            cfg.teacher.spec.removeprefix("cache:"),
+            fingerprint=fp,
+            tokenizer=tokenizer,
+            seq_len=dc.seq_len,
+        )
     if dc.eval:
         eblocks, emask = _blocks(load_texts(dc.eval), tokenizer, dc.seq_len, dc.packing)
-        if eblocks.shape[0] == 0:
-            raise PotstillError(
-                f"data.eval {dc.eval!r} gives no sequence of {dc.seq_len} tokens; "
-                "add text or lower data.seq_len"
-            )
         data.eval_blocks, data.eval_mask = eblocks[: dc.eval_blocks], emask[: dc.eval_blocks]
     return data

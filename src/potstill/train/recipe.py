@@ -105,7 +105,7 @@ class StepStats:
 
 def make_objective(cfg: DistillConfig, stats: StepStats) -> Callable[..., Tensor]:
     """``alpha*CE + (1-alpha)*KD`` as token *sums*; records each term for logging."""
-    from potstill.losses import LOSSES, ce_plus_kd, cross_entropy
+    from potstill.losses import LOSSES, ce_plus_kd, cross_entropy, sparse_topk_kl
 
     lc = cfg.loss
     kd_fn = LOSSES[lc.kind]
@@ -115,22 +115,31 @@ def make_objective(cfg: DistillConfig, stats: StepStats) -> Callable[..., Tensor
     elif lc.kind.startswith("skew_"):
         extra["alpha"] = lc.skew_alpha
 
-    def objective(
-        student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor, **_: Any
-    ) -> Tensor:
+    def objective(student_logits: Tensor, teacher: Any, labels: Tensor, **_: Any) -> Tensor:
+        """teacher: None (CE only), full logits [..,V], or sparse (topk_ids, topk_logprobs)."""
         ce = cross_entropy(student_logits, labels, reduction="sum")
         stats.ce += ce.detach().float().cpu()
-        if teacher_logits is None:
+        if teacher is None:
             total = ce
         else:
-            kd = kd_fn(
-                student_logits,
-                teacher_logits,
-                labels,
-                temperature=lc.temperature,
-                reduction="sum",
-                **extra,
-            )
+            if isinstance(teacher, tuple):  # top-k targets from a logit cache or API logprobs
+                kd = sparse_topk_kl(
+                    student_logits,
+                    teacher[0],
+                    teacher[1],
+                    labels,
+                    temperature=lc.temperature,
+                    reduction="sum",
+                )
+            else:
+                kd = kd_fn(
+                    student_logits,
+                    teacher,
+                    labels,
+                    temperature=lc.temperature,
+                    reduction="sum",
+                    **extra,
+                )
             stats.kd += kd.detach().float().cpu()
             total = ce_plus_kd(ce, kd, alpha=lc.ce_weight)
         stats.total += total.detach().float().cpu()
@@ -146,7 +155,13 @@ def micro_loss(
     cfg: DistillConfig,
     objective: Callable[..., Tensor],
 ) -> Tensor:
-    """Sum of the objective over one micro-batch's unmasked tokens."""
+    """Sum of the objective over one micro-batch's unmasked tokens.
+
+    The teacher signal comes from, in order: sparse top-k targets in the batch
+    (``topk_ids``/``topk_logprobs`` [B,T,K], from a logit cache or harvested API
+    logprobs), the online teacher (full logits, chunked when
+    ``loss.chunk_tokens`` is set), or nothing (CE alone).
+    """
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     hidden = model(ids, mask)
     weight = model.module.head_weight if hasattr(model, "module") else model.head_weight
@@ -168,6 +183,8 @@ def micro_loss(
             reduction="sum",
         )
     logits = F.linear(hidden, weight)
+    if "topk_ids" in batch:  # sparse teacher targets carried by the data (cache, harvest)
+        return objective(logits, (batch["topk_ids"], batch["topk_logprobs"]), labels)
     if teacher is None:
         return objective(logits, None, labels)
     with torch.no_grad():
@@ -177,14 +194,28 @@ def micro_loss(
 
 
 def load_teacher(cfg: DistillConfig, tokenizer: Any, student_vocab: int) -> Any:
-    if cfg.loss.ce_weight >= 1.0:
-        return None  # CE alone: the teacher is not needed (baseline runs)
+    spec = cfg.teacher.spec
+    if cfg.loss.ce_weight >= 1.0 or spec == "none" or spec.startswith("cache:"):
+        return None  # CE alone, or the data carries the teacher's targets
     from potstill.teachers import HFTeacher
 
     dtype = torch.bfloat16 if cfg.teacher.dtype == "bfloat16" else torch.float32
     return HFTeacher.from_spec(
         cfg.teacher.spec, student_tokenizer=tokenizer, student_vocab_size=student_vocab, dtype=dtype
     )
+
+
+def tokenizer_spec(cfg: DistillConfig) -> str:
+    """Where the run's tokenizer comes from: student.tokenizer, else the teacher model."""
+    spec = cfg.student.tokenizer or cfg.teacher.spec
+    if spec == "none" or spec.startswith("cache:"):
+        if cfg.student.init == "checkpoint" and cfg.student.checkpoint:
+            return cfg.student.checkpoint
+        raise PotstillError(
+            f"teacher.spec={cfg.teacher.spec!r} has no tokenizer to build the student with; "
+            "set student.tokenizer=<model spec> (e.g. the teacher's model)"
+        )
+    return spec
 
 
 def load_student(cfg: DistillConfig, tokenizer: Any) -> nn.Module:
@@ -233,12 +264,18 @@ def run_distill(
     _check_out_dir(out, resume)
 
     # 1. Validate every input before writing anything.
-    tokenizer = load_tokenizer(cfg.teacher.spec)
+    tokenizer = load_tokenizer(tokenizer_spec(cfg))
     data = prepare_data(cfg, tokenizer, world_size=acc.num_processes)
     set_seed(cfg.train.seed)
     student = load_student(cfg, tokenizer)
     vocab = student.get_output_embeddings().weight.shape[0]
     teacher = load_teacher(cfg, tokenizer, vocab)
+    if teacher is None and data.targets is None and cfg.loss.ce_weight < 1.0:
+        raise PotstillError(
+            f"loss.ce_weight={cfg.loss.ce_weight} asks for a KD term but teacher.spec={cfg.teacher.spec!r} "
+            "gives no teacher signal; use a teacher model or cache:DIR, data with top-k logprobs, "
+            "or loss.ce_weight=1.0 for plain SFT"
+        )
     config_dict = json.loads(json.dumps(cfg.model_dump(mode="json")))
     config_dict.pop("out_dir")
     resume_from = (
