@@ -189,3 +189,32 @@ def test_console_script_end_to_end(tmp_path: Path) -> None:
         timeout=120,
     )
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "optim.lr" in bad.stderr
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
+    """A real crash: SIGKILL the process mid-run, then `--resume` finishes it bit-identically."""
+    import signal
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    exe = str(Path(sys.executable).with_name("potstill"))
+    extra = {"train.steps": 12, "train.save_every": 3, "train.eval_every": 0}
+    full = subprocess.run([exe, "distill", "--config", TINY, "--no-progress",
+                           *tiny_overrides(tmp_path / "full", **extra)], capture_output=True, timeout=300)
+    assert full.returncode == 0, full.stderr
+    cut = tmp_path / "cut"
+    args = [exe, "distill", "--config", TINY, "--no-progress", *tiny_overrides(cut, **extra)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (cut / "checkpoints" / "step_000006").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (cut / "student").exists(), "the run finished before it could be killed"
+    again = subprocess.run([*args, "--resume"], capture_output=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    a = load_file(str(tmp_path / "full" / "student" / "model.safetensors"))
+    b = load_file(str(cut / "student" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -206,8 +206,15 @@ def load_teacher(cfg: DistillConfig, tokenizer: Any, student_vocab: int) -> Any:
 
 
 def tokenizer_spec(cfg: DistillConfig) -> str:
-    """Where the run's tokenizer comes from: student.tokenizer, else the teacher model."""
+    """Where the run's tokenizer comes from: student.tokenizer, else the teacher model
+    (for ``cache:DIR``, the teacher recorded in the cache's manifest)."""
     spec = cfg.student.tokenizer or cfg.teacher.spec
+    from_checkpoint = cfg.student.init == "checkpoint" and bool(cfg.student.checkpoint)
+    if spec.startswith("cache:") and not from_checkpoint:
+        # A logit cache records the teacher it was made with: its tokenizer is the run's.
+        from potstill.teachers.cache import read_manifest
+
+        return str(read_manifest(spec.removeprefix("cache:"))["teacher"])
     if spec == "none" or spec.startswith("cache:"):
         if cfg.student.init == "checkpoint" and cfg.student.checkpoint:
             return cfg.student.checkpoint
@@ -410,7 +417,7 @@ def _train_loop(
                 "tokens": progress.tokens,
                 "loss": total,
                 "ce": ce,
-                "kd": kd if teacher is not None else None,
+                "kd": kd if (teacher is not None or data.targets is not None) else None,
                 "lr": lr,
                 "grad_norm": float(grad_norm) if grad_norm is not None else None,
                 "tok_per_s": (progress.tokens - tokens0) / max(elapsed, 1e-9),
@@ -467,12 +474,20 @@ def _append_metrics(path: Path, row: dict[str, Any]) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop rows logged after the checkpoint so no step appears twice."""
+    """On resume, drop rows logged after the checkpoint so no step appears twice.
+
+    A kill can leave a torn last line; it is dropped too.
+    """
     if not path.exists():
         return
-    keep = [
-        ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step
-    ]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= step:
+            keep.append(line)
     atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
 

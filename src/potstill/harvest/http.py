@@ -1,0 +1,143 @@
+"""A minimal asyncio HTTP/1.1 client: one keep-alive connection per harvester worker.
+
+Why not httpx: its async connection pool costs milliseconds of CPU per request under high
+concurrency (measured ~150-350 req/s on this project's 2-core CI machine against a local
+endpoint), far below the ~3,200 req/s that 64 concurrent requests at 20 ms latency allow.
+One connection per worker has no pool to contend for and keeps the harvester I/O-bound.
+
+Scope: ``POST`` of a JSON body to ``http://`` or ``https://`` (TLS via :mod:`ssl`'s default
+context); responses with ``Content-Length``, ``Transfer-Encoding: chunked``, or read-to-close;
+``Accept-Encoding: identity`` (no compression). That is what OpenAI-compatible endpoints
+(vLLM, hosted APIs, potstill serve) need for non-streaming completions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from potstill.errors import PotstillError
+
+_timeout = getattr(asyncio, "timeout", None)
+
+
+class ConnectionLost(Exception):
+    """The connection failed or closed before a complete response (retryable)."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    scheme: str
+    host: str
+    port: int
+    base_path: str  # without a trailing slash, e.g. "/v1"
+
+    @classmethod
+    def parse(cls, url: str) -> Endpoint:
+        parts = urlsplit(url.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise PotstillError(
+                f"bad endpoint URL {url!r}; use http(s)://host[:port][/v1], e.g. http://127.0.0.1:8000/v1"
+            )
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        path = parts.path.rstrip("/") or "/v1"  # OpenAI base URLs end in /v1
+        return cls(parts.scheme, parts.hostname, port, path)
+
+    @property
+    def host_header(self) -> str:
+        default = 443 if self.scheme == "https" else 80
+        return self.host if self.port == default else f"{self.host}:{self.port}"
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str]  # lower-cased names
+    body: bytes
+
+
+class Connection:
+    """One keep-alive HTTP/1.1 connection, (re)opened on demand; not shared between tasks."""
+
+    def __init__(self, endpoint: Endpoint, headers: dict[str, str]) -> None:
+        self.endpoint = endpoint
+        self._static = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def _open(self) -> None:
+        ctx = ssl.create_default_context() if self.endpoint.scheme == "https" else None
+        self._reader, self._writer = await asyncio.open_connection(
+            self.endpoint.host, self.endpoint.port, ssl=ctx, limit=2**24
+        )
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = None
+
+    async def post(self, path: str, body: bytes, timeout: float) -> Response:
+        """POST ``body`` (JSON) to ``base_path + path``; raises ConnectionLost or TimeoutError."""
+        try:
+            if _timeout is not None:  # 3.11+: no extra task per request, unlike wait_for
+                async with _timeout(timeout):
+                    return await self._post(path, body)
+            return await asyncio.wait_for(self._post(path, body), timeout)
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
+            self.close()
+            raise ConnectionLost(f"{type(e).__name__}: {e}") from e
+        except BaseException:  # timeout or cancellation mid-response: the stream is unusable
+            self.close()
+            raise
+
+    async def _post(self, path: str, body: bytes) -> Response:
+        if self._writer is None:
+            await self._open()
+        assert self._reader is not None and self._writer is not None
+        head = (
+            f"POST {self.endpoint.base_path}{path} HTTP/1.1\r\nhost: {self.endpoint.host_header}\r\n"
+            f"content-type: application/json\r\naccept-encoding: identity\r\n{self._static}"
+            f"content-length: {len(body)}\r\n\r\n"
+        )
+        self._writer.write(head.encode("latin-1") + body)  # one write: no Nagle stall
+        await self._writer.drain()
+        resp = await _read_response(self._reader)
+        if resp.headers.get("connection", "").lower() == "close":
+            self.close()
+        return resp
+
+
+async def _read_response(reader: asyncio.StreamReader) -> Response:
+    while True:
+        raw = await reader.readuntil(b"\r\n\r\n")
+        lines = raw.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            if line:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+        if status != 100:  # skip "100 Continue" interim responses
+            break
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        chunks = []
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
+            if size == 0:
+                while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers
+                    pass
+                break
+            chunks.append(await reader.readexactly(size))
+            await reader.readexactly(2)
+        body = b"".join(chunks)
+    elif "content-length" in headers:
+        body = await reader.readexactly(int(headers["content-length"]))
+    else:
+        body = await reader.read()  # delimited by close
+        headers["connection"] = "close"
+    return Response(status, headers, body)
+
+
+__all__ = ["Connection", "ConnectionLost", "Endpoint", "Response"]

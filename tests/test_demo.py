@@ -1,0 +1,43 @@
+"""`potstill demo` end to end on tiny models, and its shipped config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from potstill.cli import main
+from potstill.config import DistillConfig, load_config
+from potstill.demo import DEFAULTS, demo_configs
+
+from .conftest import REPO
+
+
+def test_shipped_demo_config_equals_the_embedded_defaults() -> None:
+    kd, base = demo_configs(DEFAULTS, Path("runs/demo"))
+    assert load_config(DistillConfig, REPO / "configs" / "demo.yaml") == kd
+    # The baseline differs from the distilled run in the objective alone.
+    assert base.loss.ce_weight == 1.0
+    assert base.model_dump(exclude={"loss", "out_dir"}) == kd.model_dump(exclude={"loss", "out_dir"})
+
+
+def test_demo_runs_end_to_end_on_tiny_models(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--teacher", "tiny:0:2x64", "--steps", "6",
+            "--student-layers", "1", "--student-width", "32", "--seq-len", "32",
+            "--micro-batch-size", "4", "--eval-blocks", "4",
+            "--train-data", "synthetic:0:200", "--heldout-data", "synthetic:1:40"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| teacher" in printed and "report:" in printed
+    result = json.loads((out / "eval.json").read_text())
+    for who in ("teacher", "student", "baseline"):
+        assert result[who]["n_tokens"] > 0
+    assert "gap_recovered" in result
+    assert (out / "report.md").is_file()
+    assert (out / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
+    # A rerun resumes: both students are already trained, nothing is retrained.
+    before = (out / "distilled" / "metrics.jsonl").read_text()
+    assert main(argv) == 0
+    assert (out / "distilled" / "metrics.jsonl").read_text() == before
