@@ -1,0 +1,65 @@
+"""Evidence of distillation at corpus level.
+
+:mod:`potstill.forensics.radioactivity`: did a suspect model train on text that carries
+our watermark? (Sander et al. 2024, "Watermarking Makes Language Models Radioactive"),
+in open mode (we can run the suspect) or closed mode (we only see its outputs).
+:mod:`potstill.forensics.stats`: Holm–Bonferroni for several keys/suspects.
+Names are imported lazily: ``import potstill.forensics`` does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from potstill.forensics.radioactivity import (
+        RadioactivityResult,
+        collect_closed_tuples,
+        collect_generations,
+        collect_open_tuples,
+        radioactivity_closed,
+        radioactivity_open,
+        radioactivity_open_keys,
+        score_corpus,
+    )
+    from potstill.forensics.stats import holm_adjusted, holm_bonferroni
+
+_EXPORTS = {
+    "RadioactivityResult": "radioactivity",
+    "collect_closed_tuples": "radioactivity",
+    "collect_generations": "radioactivity",
+    "collect_open_tuples": "radioactivity",
+    "radioactivity_closed": "radioactivity",
+    "radioactivity_open": "radioactivity",
+    "radioactivity_open_keys": "radioactivity",
+    "score_corpus": "radioactivity",
+    "holm_adjusted": "stats",
+    "holm_bonferroni": "stats",
+}
+
+__all__ = [
+    "RadioactivityResult",
+    "collect_closed_tuples",
+    "collect_generations",
+    "collect_open_tuples",
+    "holm_adjusted",
+    "holm_bonferroni",
+    "radioactivity_closed",
+    "radioactivity_open",
+    "radioactivity_open_keys",
+    "score_corpus",
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
