@@ -1,0 +1,83 @@
+"""``potstill serve``: an OpenAI-compatible HTTP server for any model spec.
+
+Module-level imports are argparse-only: the CLI imports this to register the verb.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["cmd_serve", "register"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``serve`` verb to ``subparsers``."""
+    s = subparsers.add_parser(
+        "serve",
+        help="serve a model over the OpenAI HTTP API (completions, chat, logprobs)",
+        description=(
+            "OpenAI-compatible server: GET /v1/models, POST /v1/completions, "
+            "POST /v1/chat/completions, /health, /docs. Concurrent requests are batched."
+        ),
+    )
+    s.add_argument(
+        "--model", required=True, help="model spec (tiny:0, smollm2-135m-instruct, DIR, FILE.gguf)"
+    )
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 = any free)")
+    s.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        help="accepted API key (repeatable; also env POTSTILL_API_KEYS=k1,k2); none = no auth",
+    )
+    s.add_argument("--max-batch", type=int, default=8, help="most sequences decoded together")
+    s.add_argument(
+        "--rpm", type=int, default=None, help="requests per minute per key (default off)"
+    )
+    s.add_argument("--tpm", type=int, default=None, help="tokens per minute per key (default off)")
+    s.add_argument(
+        "--audit-log", default=None, help="append one JSON line per request to this file"
+    )
+    s.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)"
+    )
+    s.set_defaults(func=cmd_serve)
+
+
+def _keys(args: argparse.Namespace) -> tuple[str, ...]:
+    import os
+
+    env = os.environ.get("POTSTILL_API_KEYS", "")
+    keys = [*args.api_key, *(k.strip() for k in env.split(","))]
+    return tuple(dict.fromkeys(k for k in keys if k))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from potstill.errors import PotstillError
+
+    for name in ("max_batch", "rpm", "tpm"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            flag = "--" + name.replace("_", "-")
+            raise PotstillError(f"{flag} must be >= 1, got {value}: pass a positive number")
+    if not 0 <= args.port <= 65535:
+        raise PotstillError(f"--port must be in 0..65535, got {args.port}")
+    import torch
+    import uvicorn
+
+    from potstill.serve.app import ServeSettings, create_app
+    from potstill.serve.engine import Engine
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    engine = Engine.from_spec(args.model, max_batch=args.max_batch, device=device)
+    settings = ServeSettings(
+        api_keys=_keys(args), rpm=args.rpm, tpm=args.tpm, audit_log=args.audit_log
+    )
+    app = create_app(engine, settings)
+    auth = f"{len(settings.api_keys)} key(s)" if settings.api_keys else "no auth"
+    print(f"serving {args.model} on http://{args.host}:{args.port}/v1 ({device}, {auth})")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

@@ -1,0 +1,544 @@
+"""The generation engine: one model, one worker thread, continuous batching over a KV cache.
+
+Design (continuous batching, left-padded):
+
+* Requests arrive from the asyncio side through :meth:`Engine.submit` into a FIFO. One
+  worker thread owns the model and the batch; nothing else touches torch.
+* Between decode steps the worker admits waiting requests while the batch has room
+  (``max_batch`` rows; a request with ``n`` choices takes ``n`` rows and is admitted whole;
+  a request larger than ``max_batch`` runs when the batch is empty). New prompts are
+  prefilled together (left-padded, ``attention_mask`` + ``position_ids``), the prefill cache
+  rows are repeated ``n`` times, and the result is merged into the running batch by
+  left-padding whichever side is shorter (keys/values of padded slots are zero and masked).
+* Each decode step feeds every row's last token ``[B, 1]`` with per-row ``position_ids``
+  (the row's count of real tokens), so RoPE positions are those the sequence would have alone.
+* Finished or cancelled rows are dropped (``index_select`` on the cache), and leading
+  columns that are padding in every remaining row are trimmed.
+* Every row has its own sampler state: params, processors, and a ``torch.Generator`` seeded
+  with ``seed + choice index``, consuming one uniform per step; so a seeded request gives
+  the same text alone or in any batch (up to float rounding of batched matmuls).
+
+Failures: an exception while handling one row (processors, sampling, detokenising) fails
+only that row; a failing forward pass fails the rows of that pass, the batch is reset and
+the worker keeps serving.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import copy
+import inspect
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from potstill.serve.sampling import (
+    LogitsProcessor,
+    TokenText,
+    apply_processors,
+    find_stop,
+    real_vocab_size,
+    sample_batch,
+    stop_holdback,
+    stop_token_ids,
+    top_logprobs,
+)
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = ["Engine", "EngineStats", "Event", "RequestGroup", "SamplingParams", "TokenLogprob"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request sampling settings (validated by the HTTP layer).
+
+    ``logprobs``: None = no logprobs; k >= 0 = report the chosen token's logprob and the
+    top ``k``. ``echo_logprobs``: also report logprobs of the prompt tokens.
+    """
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None
+    echo_logprobs: bool = False
+    processors: tuple[LogitsProcessor, ...] = ()
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One position: the token, its logprob (None for the first prompt token), top-k."""
+
+    token_id: int
+    logprob: float | None
+    top: list[tuple[int, float]]
+    offset: int = 0  # char offset of the token in its text (completion, or prompt)
+
+
+@dataclass
+class Event:
+    """What the worker tells a request about one choice: new text, newly released
+    logprobs, and at the end ``finish_reason`` (or ``error``) with the token count."""
+
+    index: int
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class EngineStats:
+    """Counters shown on /health. ``max_batch_seen``: most rows in one decode step."""
+
+    requests: int = 0
+    decode_steps: int = 0
+    generated_tokens: int = 0
+    max_batch_seen: int = 0
+    failures: int = 0
+
+
+class RequestGroup:
+    """Handle of one submitted prompt (``n`` choices); :meth:`cancel` drops its rows."""
+
+    def __init__(
+        self, prompt_ids: list[int], params: SamplingParams, indices: Sequence[int], sink: Any
+    ) -> None:
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.indices = list(indices)
+        self.sink: Callable[[Event], None] = sink
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class _Row:
+    """State of one generating sequence (one choice)."""
+
+    group: RequestGroup
+    index: int
+    generator: torch.Generator
+    ids: list[int] = field(default_factory=list)  # generated, stop token excluded
+    n_sampled: int = 0  # tokens sampled, stop token included
+    text: str = ""
+    emitted: int = 0  # chars of text already sent
+    offsets: list[int] = field(default_factory=list)  # char offset of each token in text
+    lps: list[TokenLogprob] = field(default_factory=list)
+    released: int = 0  # tokens whose logprobs were sent
+    done: bool = False
+
+
+class Engine:
+    """A causal LM served with continuous batching by one worker thread."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        model_name: str,
+        max_batch: int = 8,
+        context_length: int | None = None,
+    ) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.model = model.eval()
+        self.tokenizer = tokenizer  # for the HTTP side (encoding prompts)
+        self._tok = copy.deepcopy(tokenizer)  # the worker's own: fast tokenizers are not re-entrant
+        self.model_name = model_name
+        self.max_batch = max_batch
+        self.vocab_size = real_vocab_size(model, tokenizer)
+        self.stop_ids = stop_token_ids(model, tokenizer)
+        max_pos = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 2048
+        self.context_length = min(context_length or max_pos, max_pos)
+        self.token_text = TokenText(self._tok)
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.stats = EngineStats()
+        self._pending: collections.deque[RequestGroup] = collections.deque()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._rows: list[_Row] = []
+        self._cache: Any = None
+        self._mask: Tensor | None = None  # [B, L] 1 = real token, 0 = left padding
+
+    @classmethod
+    def from_spec(cls, spec: str, *, max_batch: int = 8, device: str = "cpu") -> Engine:
+        """Load ``spec`` (any :func:`~potstill.teachers.load_model` form) onto ``device``."""
+        from potstill.teachers import load_model
+
+        model, tok = load_model(spec)
+        return cls(model.to(device), tok, model_name=spec, max_batch=max_batch)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ----------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Start the worker thread (idempotent)."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="potstill-serve-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the worker; requests still running get an error event."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._thread = None
+
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        indices: Sequence[int],
+        sink: Callable[[Event], None],
+    ) -> RequestGroup:
+        """Queue one prompt with ``len(indices)`` choices; events go to ``sink`` (called
+        from the worker thread: it must be thread-safe, e.g. ``loop.call_soon_threadsafe``)."""
+        group = RequestGroup(list(prompt_ids), params, indices, sink)
+        with self._cv:
+            if self._stopping or self._thread is None:
+                raise RuntimeError("the engine is not running: call start() first")
+            self._pending.append(group)
+            self.stats.requests += 1
+            self._cv.notify_all()
+        return group
+
+    # ----------------------------------------------------------------- worker
+    def _run(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            while True:
+                groups = self._take_pending()
+                if groups is None:
+                    break
+                try:
+                    if groups:
+                        self._admit(groups)
+                    if self._rows:
+                        self._decode_step()
+                except Exception as exc:  # a batch-level failure: fail its rows, keep serving
+                    self._fail_rows(self._rows, f"generation failed: {exc!r}")
+                    self._reset_batch()
+        self._fail_rows(self._rows, "server shutting down")
+        for g in self._pending:
+            for i in g.indices:
+                g.sink(Event(index=i, error="server shutting down"))
+
+    def _take_pending(self) -> list[RequestGroup] | None:
+        """Waiting groups that fit into the batch now (blocks while idle); None = stop."""
+        with self._cv:
+            while not self._pending and not self._rows and not self._stopping:
+                self._cv.wait()
+            if self._stopping:
+                return None
+            space = self.max_batch - len(self._rows)
+            taken: list[RequestGroup] = []
+            while self._pending:
+                g = self._pending[0]
+                if g.cancelled:
+                    self._pending.popleft()
+                    continue
+                fits = len(g.indices) <= space or (not self._rows and not taken)
+                if not fits:
+                    break
+                taken.append(self._pending.popleft())
+                space -= len(g.indices)
+            return taken
+
+    def _forward(self, ids: Tensor, mask: Tensor, pos: Tensor, cache: Any, keep: int) -> Tensor:
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            use_cache=True,
+            logits_to_keep=keep,
+            **{self._cache_kw: cache},
+        )
+        return out.logits[..., : self.vocab_size].float()
+
+    def _admit(self, groups: list[RequestGroup]) -> None:
+        """Prefill ``groups`` together, sample each choice's first token, merge into the batch."""
+        import torch
+        from transformers import DynamicCache
+
+        dev = self.device
+        width = max(len(g.prompt_ids) for g in groups)
+        ids = torch.full((len(groups), width), 0, dtype=torch.long)
+        mask = torch.zeros((len(groups), width), dtype=torch.long)
+        for r, g in enumerate(groups):
+            ids[r, width - len(g.prompt_ids) :] = torch.tensor(g.prompt_ids)
+            mask[r, width - len(g.prompt_ids) :] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.model.config)
+        need_all = any(g.params.echo_logprobs for g in groups)
+        try:
+            logits = self._forward(
+                ids.to(dev), mask.to(dev), pos.to(dev), cache, 0 if need_all else 1
+            )
+        except Exception as exc:
+            for g in groups:
+                for i in g.indices:
+                    self._send_error(g, i, f"prefill failed: {exc!r}")
+            return
+        last = logits[:, -1].cpu()
+        new_rows: list[_Row] = []
+        row_src: list[int] = []
+        for r, g in enumerate(groups):
+            prompt_lps = self._prompt_logprobs(g, logits[r]) if g.params.echo_logprobs else None
+            for i in g.indices:
+                row = self._new_row(g, i)
+                if prompt_lps is not None:
+                    g.sink(Event(index=i, prompt_logprobs=prompt_lps))
+                new_rows.append(row)
+                row_src.append(r)
+        self._advance_all(new_rows, last[row_src])
+        row_src = [r for r, row in zip(row_src, new_rows) if not row.done]
+        new_rows = [row for row in new_rows if not row.done]
+        if new_rows:
+            self._merge(cache, mask.to(dev), torch.tensor(row_src, device=dev), new_rows)
+
+    def _new_row(self, group: RequestGroup, index: int) -> _Row:
+        import torch
+
+        gen = torch.Generator(device="cpu")
+        seed = group.params.seed
+        gen.manual_seed(seed + index if seed is not None else secrets.randbits(63))
+        return _Row(group=group, index=index, generator=gen)
+
+    def _prompt_logprobs(self, group: RequestGroup, logits: Tensor) -> list[TokenLogprob]:
+        """Logprobs of each prompt token under the model (first token: None).
+
+        ``logits [width, V]`` is the group's left-padded prefill row.
+        """
+        import torch
+
+        p = group.prompt_ids
+        k = group.params.logprobs or 0
+        lsm = torch.log_softmax(logits[logits.shape[0] - len(p) :], dim=-1).cpu()
+        # Offsets from single-token texts: exact for whole characters (byte-level BPE).
+        offsets = [0]
+        for t in p[:-1]:
+            offsets.append(offsets[-1] + len(self._tok.decode([t], skip_special_tokens=False)))
+        out = [TokenLogprob(p[0], None, [], offset=0)]
+        for t in range(1, len(p)):
+            top = top_logprobs(lsm[t - 1], k)
+            out.append(TokenLogprob(p[t], float(lsm[t - 1, p[t]]), top, offset=offsets[t]))
+        return out
+
+    def _merge(self, cache: Any, mask: Tensor, src: Tensor, rows: list[_Row]) -> None:
+        """Append prefilled rows (``cache`` rows ``src``) to the running batch, left-padding
+        whichever side is shorter so that every row ends at the last column."""
+        import torch
+        import torch.nn.functional as F
+
+        new_mask = mask.index_select(0, src)
+        new_layers = [
+            (ly.keys.index_select(0, src), ly.values.index_select(0, src)) for ly in cache.layers
+        ]
+        if self._cache is None or self._mask is None:
+            for ly, (k, v) in zip(cache.layers, new_layers):
+                ly.keys, ly.values = k, v
+            self._cache, self._mask, self._rows = cache, new_mask, rows
+            return
+        old_len, new_len = self._mask.shape[1], new_mask.shape[1]
+        width = max(old_len, new_len)
+        pad_old, pad_new = width - old_len, width - new_len
+        self._mask = torch.cat([F.pad(self._mask, (pad_old, 0)), F.pad(new_mask, (pad_new, 0))])
+        for ly, (k, v) in zip(self._cache.layers, new_layers):
+            ly.keys = torch.cat([F.pad(ly.keys, (0, 0, pad_old, 0)), F.pad(k, (0, 0, pad_new, 0))])
+            ly.values = torch.cat(
+                [F.pad(ly.values, (0, 0, pad_old, 0)), F.pad(v, (0, 0, pad_new, 0))]
+            )
+        self._rows = self._rows + rows
+
+    def _decode_step(self) -> None:
+        """Drop cancelled rows, feed each row's last token, sample the next ones."""
+        import torch
+
+        self._keep([r for r, row in enumerate(self._rows) if not row.group.cancelled])
+        if not self._rows or self._mask is None:
+            return
+        dev = self.device
+        ids = torch.tensor([[row.ids[-1]] for row in self._rows], device=dev)
+        pos = self._mask.sum(-1, keepdim=True)
+        self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
+        logits = self._forward(ids, self._mask, pos, self._cache, 1)[:, -1].cpu()
+        self.stats.decode_steps += 1
+        self.stats.max_batch_seen = max(self.stats.max_batch_seen, len(self._rows))
+        self._advance_all(self._rows, logits)
+        self._keep([r for r, row in enumerate(self._rows) if not row.done])
+
+    def _keep(self, keep: list[int]) -> None:
+        """Keep only batch rows ``keep``; trim columns that are padding in every row."""
+        import torch
+
+        if len(keep) == len(self._rows):
+            return
+        if not keep:
+            self._reset_batch()
+            return
+        assert self._mask is not None
+        idx = torch.tensor(keep, device=self._mask.device)
+        mask = self._mask.index_select(0, idx)
+        lead = int((mask.cumsum(-1) == 0).sum(-1).min())
+        self._mask = mask[:, lead:]
+        for ly in self._cache.layers:
+            ly.keys = ly.keys.index_select(0, idx)[:, :, lead:]
+            ly.values = ly.values.index_select(0, idx)[:, :, lead:]
+        self._rows = [self._rows[r] for r in keep]
+
+    def _reset_batch(self) -> None:
+        self._rows, self._cache, self._mask = [], None, None
+
+    # ----------------------------------------------------------------- per-row sampling
+    def _advance_all(self, rows: list[_Row], logits: Tensor) -> None:
+        """Sample the next token of every row from ``logits [B, V]`` (fp32, CPU), then
+        update each row and send its event. Processors run per row; an exception in one
+        row's processors or bookkeeping fails that row only."""
+        import torch
+
+        live = list(range(len(rows)))
+        processed = logits
+        if any(row.group.params.processors for row in rows):
+            processed = logits.clone()
+            for i, row in enumerate(rows):
+                if not row.group.params.processors:
+                    continue
+                try:
+                    ctx = torch.tensor(row.group.prompt_ids + row.ids, dtype=torch.long)
+                    processed[i] = apply_processors(
+                        row.group.params.processors, ctx, logits[i].clone()
+                    )
+                except Exception as exc:
+                    self._send_error(row.group, row.index, f"logits processor failed: {exc!r}")
+                    row.done = True
+                    live.remove(i)
+        if not live:
+            return
+        params = [rows[i].group.params for i in live]
+        tids = sample_batch(
+            processed[live],
+            [p.temperature for p in params],
+            [p.top_p for p in params],
+            [rows[i].generator for i in live],
+        )
+        want = [j for j, p in enumerate(params) if p.logprobs is not None]
+        lps: dict[int, tuple[float, list[tuple[int, float]]]] = {}
+        if want:
+            lsm = torch.log_softmax(logits[[live[j] for j in want]], dim=-1)
+            for r, j in enumerate(want):
+                lps[j] = (float(lsm[r, tids[j]]), top_logprobs(lsm[r], params[j].logprobs or 0))
+        for j, i in enumerate(live):
+            try:
+                self._advance(rows[i], tids[j], lps.get(j))
+            except Exception as exc:
+                self._send_error(rows[i].group, rows[i].index, f"sampling failed: {exc!r}")
+                rows[i].done = True
+
+    def _advance(
+        self, row: _Row, tid: int, logprob: tuple[float, list[tuple[int, float]]] | None
+    ) -> None:
+        """Append sampled token ``tid`` to ``row``: stop checks, detokenising, events."""
+        p = row.group.params
+        lp = None
+        if logprob is not None:
+            lp = TokenLogprob(tid, logprob[0], logprob[1], offset=len(row.text))
+        row.n_sampled += 1
+        self.stats.generated_tokens += 1
+        if tid in self.stop_ids:
+            return self._finish(row, "stop", truncated=False)
+        row.offsets.append(len(row.text))
+        row.ids.append(tid)
+        if lp is not None:
+            row.lps.append(lp)
+        text = self._tok.decode(row.ids, skip_special_tokens=False)
+        if p.stop:
+            longest = max(len(s) for s in p.stop)
+            cut = find_stop(text, p.stop, max(0, row.emitted - longest))
+            if cut is not None:
+                row.text = text[:cut]
+                return self._finish(row, "stop", truncated=True)
+        row.text = text
+        if row.n_sampled >= p.max_tokens:
+            return self._finish(row, "length", truncated=False)
+        safe = max(row.emitted, len(text) - stop_holdback(text, p.stop))
+        delta = text[row.emitted : safe]
+        row.emitted = safe
+        released = self._release(row, lambda off: off < safe)
+        if delta or released:
+            row.group.sink(Event(index=row.index, text=delta, logprobs=released))
+        return None
+
+    def _release(self, row: _Row, ok: Callable[[int], bool]) -> list[TokenLogprob]:
+        """Logprobs of tokens not sent yet whose text start offset passes ``ok``."""
+        out = []
+        while row.released < len(row.lps) and ok(row.offsets[row.released]):
+            out.append(row.lps[row.released])
+            row.released += 1
+        return out
+
+    def _finish(self, row: _Row, reason: str, *, truncated: bool) -> None:
+        """Send the rest of the text and logprobs with ``reason``; mark the row done.
+
+        After a stop-string cut only tokens that start before the cut are kept.
+        """
+        end = len(row.text)
+        released = self._release(row, (lambda off: off < end) if truncated else (lambda off: True))
+        row.group.sink(
+            Event(
+                index=row.index,
+                text=row.text[row.emitted :],
+                logprobs=released,
+                finish_reason=reason,
+                completion_tokens=row.n_sampled,
+            )
+        )
+        row.emitted = end
+        row.done = True
+
+    def _send_error(self, group: RequestGroup, index: int, message: str) -> None:
+        self.stats.failures += 1
+        with contextlib.suppress(Exception):  # a broken sink must not take the worker down
+            group.sink(Event(index=index, error=message))
+
+    def _fail_rows(self, rows: list[_Row], message: str) -> None:
+        for row in rows:
+            if not row.done:
+                self._send_error(row.group, row.index, message)
+                row.done = True
+
+    def health(self) -> dict[str, Any]:
+        """Stats for /health (worker liveness, queue, batch sizes)."""
+        alive = self._thread is not None and self._thread.is_alive()
+        return {
+            "worker_alive": alive,
+            "queued": len(self._pending),
+            "running": len(self._rows),
+            "max_batch": self.max_batch,
+            "context_length": self.context_length,
+            **self.stats.__dict__,
+            "time": time.time(),
+        }

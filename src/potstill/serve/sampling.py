@@ -1,0 +1,234 @@
+"""Pure pieces of the serving sampler: next-token choice, logprobs, stop strings, token text.
+
+The sampler for one sequence is ``logits -> processors(input_ids, logits) -> temperature /
+top-p -> sample``. Reported logprobs are NOT taken from that chain: they are the
+log-softmax of the model's raw logits (temperature 1, no processor, no top-p), over the
+tokenizer's real vocabulary, which is what a distiller wants to match.
+
+Padded vocabularies: checkpoints often have more logits than tokens (tiny models: 320
+logits, 260 tokens). Rows past ``len(tokenizer)`` can never be decoded, so both sampling
+and logprobs use only the first ``vocab_size`` logits (see :func:`real_vocab_size`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = [
+    "LogitsProcessor",
+    "TokenText",
+    "apply_processors",
+    "find_stop",
+    "real_vocab_size",
+    "sample_batch",
+    "sample_token",
+    "stop_holdback",
+    "stop_token_ids",
+    "top_logprobs",
+]
+
+# (input_ids [L] int64: prompt + generated so far, logits [V] fp32) -> logits [V].
+# Later issues plug watermarking / antidistillation in here; the chain is empty today.
+LogitsProcessor = Callable[["Tensor", "Tensor"], "Tensor"]
+
+
+def real_vocab_size(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
+    """Number of logits that name real tokens: ``min(len(tokenizer), logit width)``."""
+    head = model.get_output_embeddings()
+    width = int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
+    return min(len(tokenizer), width)
+
+
+def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """Token ids that end a sequence with finish_reason "stop": eos (tokenizer and
+    generation config) and ``<|im_end|>`` when the vocab has it (ChatML models end turns
+    with it)."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_cfg = getattr(model, "generation_config", None)
+    eos = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, (list, tuple)):
+        ids.update(int(e) for e in eos)
+    im_end = tokenizer.get_vocab().get("<|im_end|>")
+    if im_end is not None:
+        ids.add(int(im_end))
+    return frozenset(ids)
+
+
+def apply_processors(
+    processors: Sequence[LogitsProcessor], input_ids: Tensor, logits: Tensor
+) -> Tensor:
+    """Run the per-request processor chain in order; ``logits [V]`` fp32 in, ``[V]`` out."""
+    for proc in processors:
+        logits = proc(input_ids, logits)
+    return logits
+
+
+def sample_token(
+    logits: Tensor, *, temperature: float, top_p: float, generator: torch.Generator
+) -> int:
+    """Draw one token id from ``logits [V]`` (fp32, CPU).
+
+    Temperature 0 is greedy (argmax, the generator is not touched). Otherwise
+    ``p = softmax(logits / T)``, cut to the smallest most-likely set with mass >= top_p,
+    and sampled by inverting the CDF at ONE uniform draw from ``generator``: each step
+    consumes exactly one number, so a seeded sequence's draws do not depend on anything
+    else in the batch.
+    """
+    import torch
+
+    if temperature == 0.0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    if top_p >= 1.0:  # no nucleus cut: invert the CDF in vocab order, no sort needed
+        cdf = torch.cumsum(probs, dim=-1)
+        u = torch.rand((), generator=generator, dtype=torch.float64) * cdf[-1]
+        return int(torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[0] - 1))
+    sorted_p, order = torch.sort(probs, descending=True, stable=True)
+    cdf = torch.cumsum(sorted_p, dim=-1)
+    # Keep token j while the mass BEFORE it is < top_p: the first token is always kept.
+    keep = int(((cdf - sorted_p) < top_p).sum().clamp(min=1))
+    u = torch.rand((), generator=generator, dtype=torch.float64) * cdf[keep - 1]
+    j = int(torch.searchsorted(cdf[:keep], u, right=True).clamp(max=keep - 1))
+    return int(order[j])
+
+
+def sample_batch(
+    logits: Tensor,
+    temperatures: Sequence[float],
+    top_ps: Sequence[float],
+    generators: Sequence[torch.Generator],
+) -> list[int]:
+    """One token per row of ``logits [B, V]`` (fp32, CPU); row ``i`` is drawn exactly as
+    :func:`sample_token` would draw it with ``temperatures[i]``, ``top_ps[i]``,
+    ``generators[i]``, but the common cases run as a few batched ops instead of ``B``
+    separate ones (per-op overhead dominates on a busy CPU)."""
+    import torch
+
+    out = [0] * logits.shape[0]
+    greedy = [i for i, t in enumerate(temperatures) if t == 0.0]
+    plain = [i for i, t in enumerate(temperatures) if t > 0.0 and top_ps[i] >= 1.0]
+    if greedy:
+        for i, tok in zip(greedy, torch.argmax(logits[greedy], dim=-1).tolist()):
+            out[i] = int(tok)
+    if plain:
+        temps = torch.tensor([temperatures[i] for i in plain], dtype=torch.float64)
+        probs = torch.softmax(logits[plain].double() / temps[:, None], dim=-1)
+        cdf = torch.cumsum(probs, dim=-1)
+        u = torch.stack(
+            [torch.rand((), generator=generators[i], dtype=torch.float64) for i in plain]
+        )
+        u = (u * cdf[:, -1])[:, None]
+        idx = torch.searchsorted(cdf, u, right=True).clamp(max=cdf.shape[1] - 1)
+        for i, tok in zip(plain, idx[:, 0].tolist()):
+            out[i] = int(tok)
+    for i in set(range(len(out))) - set(greedy) - set(plain):
+        out[i] = sample_token(
+            logits[i], temperature=temperatures[i], top_p=top_ps[i], generator=generators[i]
+        )
+    return out
+
+
+def top_logprobs(logprobs: Tensor, k: int) -> list[tuple[int, float]]:
+    """The ``k`` most likely (token id, logprob) of ``logprobs [V]``, best first."""
+    import torch
+
+    if k <= 0:
+        return []
+    vals, ids = torch.topk(logprobs, k=min(k, logprobs.shape[-1]))
+    return [(int(i), float(v)) for i, v in zip(ids.tolist(), vals.tolist())]
+
+
+def find_stop(text: str, stops: Sequence[str], start: int = 0) -> int | None:
+    """Index of the earliest occurrence of any stop string in ``text[start:]`` (absolute
+    index into ``text``), or None."""
+    best: int | None = None
+    for s in stops:
+        i = text.find(s, start)
+        if i >= 0 and (best is None or i < best):
+            best = i
+    return best
+
+
+def stop_holdback(text: str, stops: Sequence[str]) -> int:
+    """How many trailing chars of ``text`` must not be streamed yet.
+
+    Two reasons to wait: a suffix that could be the start of a stop string (it may be cut),
+    and trailing U+FFFD (an incomplete UTF-8 character that the next token may complete,
+    which would change the decoded text).
+    """
+    hold = 0
+    for s in stops:
+        for m in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:m]):
+                hold = max(hold, m)
+                break
+    n_bad = len(text) - len(text.rstrip("\ufffd"))
+    return max(hold, n_bad)
+
+
+_HEX_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """Inverse of the GPT-2 byte -> printable-char map used by ByteLevel tokenizers."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
+    keep += list(range(ord("®"), ord("ÿ") + 1))
+    enc = {b: chr(b) for b in keep}
+    extra = 0
+    for b in range(256):
+        if b not in enc:
+            enc[b] = chr(256 + extra)
+            extra += 1
+    return {c: b for b, c in enc.items()}
+
+
+class TokenText:
+    """Bytes and OpenAI-style display strings of single tokens (cached per id).
+
+    Display string: the token's UTF-8 text, or ``"bytes:\\xNN..."`` when its bytes are not
+    valid UTF-8 on their own (part of a multi-byte character), as OpenAI writes them; that
+    also keeps ``top_logprobs`` dict keys distinct.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self._tok = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        decoder = getattr(backend, "decoder", None) if backend is not None else None
+        self._byte_level = type(decoder).__name__ == "ByteLevel"
+        self._byte_decoder = _gpt2_byte_decoder()
+        self._special = set(getattr(tokenizer, "all_special_ids", []) or [])
+        self._cache: dict[int, tuple[bytes, str]] = {}
+
+    def _bytes(self, token_id: int) -> bytes:
+        piece = self._tok.convert_ids_to_tokens(token_id)
+        if token_id not in self._special and isinstance(piece, str):
+            if self._byte_level and all(c in self._byte_decoder for c in piece):
+                return bytes(self._byte_decoder[c] for c in piece)
+            m = _HEX_BYTE.fullmatch(piece)
+            if m is not None:  # sentencepiece byte fallback
+                return bytes([int(m.group(1), 16)])
+        return self._tok.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
+    def get(self, token_id: int) -> tuple[bytes, str]:
+        """(raw bytes, display string) of ``token_id``."""
+        hit = self._cache.get(token_id)
+        if hit is None:
+            raw = self._bytes(token_id)
+            try:
+                shown = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                shown = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+            hit = (raw, shown)
+            self._cache[token_id] = hit
+        return hit
