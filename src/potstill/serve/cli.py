@@ -42,6 +42,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)"
     )
+    w = s.add_argument_group("watermark (keyed, on every sampled completion)")
+    w.add_argument(
+        "--watermark", choices=("kgw", "gumbel"), default=None, help="scheme; default none"
+    )
+    w.add_argument(
+        "--watermark-key-file",
+        default=None,
+        help="secret key file (else env POTSTILL_WATERMARK_KEY); make one with `potstill audit keygen`",
+    )
+    w.add_argument("--gamma", type=float, default=0.25, help="KGW green fraction of the vocabulary")
+    w.add_argument("--delta", type=float, default=2.0, help="KGW logit bias on green tokens")
+    w.add_argument(
+        "--context-width", type=int, default=2, help="previous tokens seeding the keyed hash"
+    )
+    s.add_argument(
+        "--metadata",
+        default=None,
+        help="write the serving settings (watermark scheme, params, key id) here; "
+        "default: AUDIT_LOG.meta.json when --audit-log is set",
+    )
     s.set_defaults(func=cmd_serve)
 
 
@@ -63,6 +83,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise PotstillError(f"{flag} must be >= 1, got {value}: pass a positive number")
     if not 0 <= args.port <= 65535:
         raise PotstillError(f"--port must be in 0..65535, got {args.port}")
+    if args.watermark_key_file and not args.watermark:
+        raise PotstillError("--watermark-key-file needs --watermark kgw|gumbel")
     import torch
     import uvicorn
 
@@ -72,10 +94,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    key = params = processors = None
+    if args.watermark:
+        from potstill.serve.watermarking import watermark_processors
+        from potstill.watermark.keys import resolve_key
+        from potstill.watermark.params import WatermarkParams
+
+        key = resolve_key(args.watermark_key_file)
+        params = WatermarkParams(
+            args.watermark, gamma=args.gamma, delta=args.delta, context_width=args.context_width
+        )
+        processors = watermark_processors(key, params)
     engine = Engine.from_spec(args.model, max_batch=args.max_batch, device=device)
     settings = ServeSettings(
-        api_keys=_keys(args), rpm=args.rpm, tpm=args.tpm, audit_log=args.audit_log
+        api_keys=_keys(args),
+        rpm=args.rpm,
+        tpm=args.tpm,
+        audit_log=args.audit_log,
+        processors=processors,
     )
+    meta_path = args.metadata or (f"{args.audit_log}.meta.json" if args.audit_log else None)
+    if meta_path:
+        from potstill.serve.watermarking import write_serve_metadata
+
+        write_serve_metadata(meta_path, model=args.model, key=key, params=params)
     app = create_app(engine, settings)
     auth = f"{len(settings.api_keys)} key(s)" if settings.api_keys else "no auth"
     print(f"serving {args.model} on http://{args.host}:{args.port}/v1 ({device}, {auth})")
