@@ -19,15 +19,53 @@ def test_shipped_demo_config_equals_the_embedded_defaults() -> None:
     assert load_config(DistillConfig, REPO / "configs" / "demo.yaml") == kd
     # The baseline differs from the distilled run in the objective alone.
     assert base.loss.ce_weight == 1.0
-    assert base.model_dump(exclude={"loss", "out_dir"}) == kd.model_dump(exclude={"loss", "out_dir"})
+    assert base.model_dump(exclude={"loss", "out_dir"}) == kd.model_dump(
+        exclude={"loss", "out_dir"}
+    )
 
 
-def test_demo_runs_end_to_end_on_tiny_models(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_runs_end_to_end_on_tiny_models(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "demo"
-    argv = ["demo", "--out", str(out), "--teacher", "tiny:0:2x64", "--steps", "6",
-            "--student-layers", "1", "--student-width", "32", "--seq-len", "32",
-            "--micro-batch-size", "4", "--eval-blocks", "4",
-            "--train-data", "synthetic:0:200", "--heldout-data", "synthetic:1:40"]
+    argv = [
+        "demo",
+        "--out",
+        str(out),
+        "--teacher",
+        "tiny:0:2x64",
+        "--steps",
+        "6",
+        "--student-layers",
+        "1",
+        "--student-width",
+        "32",
+        "--seq-len",
+        "32",
+        "--micro-batch-size",
+        "4",
+        "--eval-blocks",
+        "4",
+        "--train-data",
+        "synthetic:0:200",
+        "--heldout-data",
+        "synthetic:1:40",
+        *[
+            f"--blackbox-option={kv}"
+            for kv in (
+                "train_prompts=12",
+                "heldout_prompts=4",
+                "max_tokens=24",
+                "steps=3",
+                "micro_batch_size=4",
+                "seq_len=256",
+                "max_batch=8",
+                "context_width=1",
+                "delta=4.0",
+                "temperature=2.0",
+            )
+        ],
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "| teacher" in printed and "report:" in printed
@@ -35,6 +73,11 @@ def test_demo_runs_end_to_end_on_tiny_models(tmp_path: Path, capsys: pytest.Capt
     for who in ("teacher", "student", "baseline"):
         assert result[who]["n_tokens"] > 0
     assert "gap_recovered" in result
+    bb = result["blackbox"]
+    assert bb["harvest"]["train_records"] == 12 and bb["harvest"]["max_batch_seen"] > 1
+    assert 0.0 <= bb["p_student"] <= 1.0 and 0.0 <= bb["p_control"] <= 1.0
+    assert bb["n_heldout_tokens"] > 0
+    assert "radioactivity audit" in printed
     assert (out / "report.md").is_file()
     assert (out / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
     # A rerun resumes: both students are already trained, nothing is retrained.

@@ -84,9 +84,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
         eval_blocks=args.eval_blocks,
         train=args.train_data,
         heldout=args.heldout_data,
+        blackbox=not args.no_blackbox,
+        blackbox_overrides=_blackbox_options(args.blackbox_option),
     )
     run_demo(settings)
     return 0
+
+
+def _blackbox_options(items: list[str]) -> dict[str, object]:
+    from potstill.config import parse_overrides
+    from potstill.demo_blackbox import BLACKBOX_DEFAULTS
+
+    opts = parse_overrides(items)
+    unknown = sorted(set(opts) - set(BLACKBOX_DEFAULTS))
+    if unknown:
+        raise PotstillError(
+            f"unknown --blackbox-option {', '.join(unknown)}; known: {', '.join(BLACKBOX_DEFAULTS)}"
+        )
+    return opts
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,6 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--eval-blocks", type=int, default=None)
     m.add_argument("--train-data", default=None, help="training text source")
     m.add_argument("--heldout-data", default=None, help="held-out text source")
+    m.add_argument(
+        "--no-blackbox",
+        action="store_true",
+        help="skip the serve -> harvest -> distill -> audit half",
+    )
+    m.add_argument(
+        "--blackbox-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a black-box setting, e.g. train_prompts=64 (see potstill.demo_blackbox)",
+    )
     m.set_defaults(func=cmd_demo)
     for module in PLUGINS:
         _register_plugin(sub, module)

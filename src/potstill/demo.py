@@ -50,6 +50,8 @@ class DemoSettings:
     eval_blocks: int | None = None
     train: str | None = None
     heldout: str | None = None
+    blackbox: bool = True
+    blackbox_overrides: dict[str, Any] = field(default_factory=dict)
     resolved: dict[str, Any] = field(default_factory=dict)
 
     def resolve(self) -> dict[str, Any]:
@@ -135,6 +137,28 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     )
     result = compare(teacher_model, student, blocks, baseline=baseline, vocab_size=vocab)
     timings["eval_s"] = round(time.perf_counter() - t0, 1)
+    console.print(to_markdown(result))
+    del teacher_model, student, baseline
+
+    extra_md, blackbox = "", None
+    if settings.blackbox:
+        from potstill.demo_blackbox import BLACKBOX_DEFAULTS, run_blackbox
+
+        console.rule("[bold]black box: serve a watermarked teacher, harvest it, distill, audit")
+        bb_settings = {**BLACKBOX_DEFAULTS, **settings.blackbox_overrides}
+        bb = run_blackbox(
+            out / "blackbox",
+            teacher=s["teacher"],
+            student_init=out / "distilled" / "student",
+            control=out / "distilled" / "student",
+            settings=bb_settings,
+            console=console,
+        )
+        timings.update(bb.timings)
+        blackbox = asdict(bb)
+        result["blackbox"] = blackbox
+        extra_md = _blackbox_markdown(bb, bb_settings)
+        console.print(extra_md)
     timings["total_s"] = round(time.perf_counter() - t_start, 1)
     result["timings"] = timings
 
@@ -156,8 +180,8 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         eval_result=result,
         figures=[curves],
         settings=settings_dump,
+        extra_md=extra_md,
     )
-    console.print(to_markdown(result))
     gap = result.get("gap_recovered")
     if gap is not None:
         console.print(
@@ -166,3 +190,28 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         )
     console.print(f"report: {out / 'report.md'}  ({timings['total_s']:.0f}s in all)")
     return {"result": result, "settings": asdict(settings) | {"out_dir": str(out)}}
+
+
+def _blackbox_markdown(bb: Any, s: dict[str, Any]) -> str:
+    alpha = s["alpha"]
+    return "\n".join(
+        [
+            "## Black box: serve, harvest, distill, audit",
+            "",
+            f"Harvested {bb.harvest['train_records']} watermarked answers (KGW, gamma={s['gamma']}, "
+            f"delta={s['delta']}, context width {s['context_width']}) over loopback HTTP; the server "
+            f"batched up to {bb.harvest['max_batch_seen']} sequences at once.",
+            "",
+            "| held-out teacher answers | NLL (nats/token) |",
+            "|---|---|",
+            f"| student before the harvest | {bb.nll_before:.4f} |",
+            f"| student after the harvest | {bb.nll_after:.4f} |",
+            "",
+            f"({bb.n_heldout_tokens} assistant tokens.)",
+            "",
+            "| radioactivity audit (open mode) | p-value | verdict at alpha=" + f"{alpha:g} |",
+            "|---|---|---|",
+            f"| student distilled from the harvest | {bb.p_student:.3g} | {bb.verdict_student} |",
+            f"| control (never saw watermarked text) | {bb.p_control:.3g} | {bb.verdict_control} |",
+        ]
+    )

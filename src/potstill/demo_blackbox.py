@@ -1,0 +1,211 @@
+"""The demo's black-box half: serve a watermarked teacher, harvest it, distill, audit.
+
+Everything crosses real loopback HTTP: ``potstill serve``'s FastAPI app runs under
+uvicorn on 127.0.0.1 with a KGW watermark on every sampled completion, the
+asyncio harvester collects answers (with top-k logprobs) into a SQLite store, a
+student is distilled from that store (SFT on the answers + sparse top-k KD), and
+both that student and a control that never saw watermarked text are audited for
+radioactivity in open mode. The held-out NLL of teacher answers before and after
+training shows the student really learned from the harvest.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+BLACKBOX_DEFAULTS: dict[str, Any] = {
+    "train_prompts": 160,
+    "heldout_prompts": 32,
+    "max_tokens": 96,
+    "temperature": 0.8,
+    "top_logprobs": 5,
+    "concurrency": 16,
+    "max_batch": 16,
+    "steps": 30,
+    "micro_batch_size": 8,
+    "seq_len": 256,
+    "gamma": 0.25,
+    "delta": 3.0,
+    "context_width": 2,
+    "alpha": 0.01,
+}
+
+
+@dataclass
+class BlackboxResult:
+    nll_before: float
+    nll_after: float
+    n_heldout_tokens: int
+    p_student: float
+    p_control: float
+    verdict_student: str
+    verdict_control: str
+    harvest: dict[str, Any]
+    timings: dict[str, float]
+    audit: dict[str, Any]
+
+
+def chat_nll(model: Any, data: Any, *, batch_size: int = 8) -> tuple[float, int]:
+    """Mean NLL (nats) of the assistant tokens of chat blocks (labels != -100)."""
+    import torch
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, data.blocks.shape[0], batch_size):
+            ids, mask = data.blocks[i : i + batch_size], data.mask[i : i + batch_size]
+            labels = data.labels[i : i + batch_size]
+            logits = model(input_ids=ids, attention_mask=mask).logits.float()
+            loss = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]),
+                labels.reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            )
+            total += float(loss)
+            count += int((labels != -100).sum())
+    return total / max(1, count), count
+
+
+def _harvest(url: str, model_name: str, prompts: list[str], store: Path, s: dict[str, Any]) -> Any:
+    from potstill.harvest.client import GenParams, harvest
+
+    params = GenParams(
+        max_tokens=s["max_tokens"],
+        temperature=s["temperature"],
+        top_logprobs=s["top_logprobs"],
+        seed=0,
+    )
+    messages = [[{"role": "user", "content": p}] for p in prompts]
+    return harvest(
+        messages,
+        store,
+        endpoint=f"{url}/v1",
+        model=model_name,
+        params=params,
+        concurrency=s["concurrency"],
+        progress=True,
+    )
+
+
+def run_blackbox(
+    out: Path,
+    *,
+    teacher: str,
+    student_init: Path,
+    control: Path,
+    settings: dict[str, Any],
+    console: Any,
+) -> BlackboxResult:
+    """Serve -> harvest -> distill -> evaluate -> audit; see the module docstring."""
+    from potstill.config import DistillConfig
+    from potstill.forensics.radioactivity import radioactivity_open
+    from potstill.harvest.dataset import load_chat_data
+    from potstill.harvest.export import store_examples
+    from potstill.harvest.prompts import default_prompts
+    from potstill.serve.app import ServeSettings, create_app
+    from potstill.serve.background import serve_in_background
+    from potstill.serve.engine import Engine
+    from potstill.serve.watermarking import watermark_processors, write_serve_metadata
+    from potstill.teachers import load_model
+    from potstill.train.recipe import run_distill
+    from potstill.watermark.keys import generate_key, load_key, write_key
+    from potstill.watermark.params import WatermarkParams
+
+    s = settings
+    timings: dict[str, float] = {}
+    out.mkdir(parents=True, exist_ok=True)
+    key_file = out / "watermark.key"
+    if not key_file.exists():  # a rerun keeps the key its harvest was marked with
+        write_key(key_file, generate_key())
+    key = load_key(key_file)
+    wm = WatermarkParams(
+        "kgw", gamma=s["gamma"], delta=s["delta"], context_width=s["context_width"]
+    )
+    prompts = default_prompts(s["train_prompts"] + s["heldout_prompts"], seed=0)
+    train_prompts, heldout_prompts = prompts[: s["train_prompts"]], prompts[s["train_prompts"] :]
+
+    t0 = time.perf_counter()
+    engine = Engine.from_spec(teacher, max_batch=s["max_batch"], device="cpu")
+    app = create_app(
+        engine,
+        ServeSettings(processors=watermark_processors(key, wm), audit_log=out / "audit.jsonl"),
+    )
+    write_serve_metadata(out / "audit.jsonl.meta.json", model=teacher, key=key, params=wm)
+    with serve_in_background(app) as url:
+        console.print(f"serving {teacher} with a KGW watermark (key id {key.key_id}) at {url}/v1")
+        stats = _harvest(url, teacher, train_prompts, out / "harvest.sqlite", s)
+        _harvest(url, teacher, heldout_prompts, out / "heldout.sqlite", s)
+        health = engine.health()
+    timings["serve_and_harvest_s"] = round(time.perf_counter() - t0, 1)
+    console.print(
+        f"harvested {stats.done} new answers ({stats.skipped} already in the store, "
+        f"{stats.failed} failed); largest batch the server formed: {health.get('max_batch_seen')}"
+    )
+
+    t0 = time.perf_counter()
+    _, tok = load_model(str(student_init))
+    probe = load_chat_data(
+        f"harvest:{out / 'harvest.sqlite'}", tok, seq_len=s["seq_len"], with_logprobs=True
+    )
+    # Top-k KD where the API's logprobs map onto our tokenizer; plain SFT otherwise.
+    ce_weight = 0.5 if probe.targets is not None else 1.0
+    cfg = DistillConfig.model_validate(
+        {
+            "out_dir": str(out / "student"),
+            "teacher": {"spec": "none"},
+            "student": {"init": "checkpoint", "checkpoint": str(student_init)},
+            "loss": {"kind": "forward_kl", "ce_weight": ce_weight},
+            "optim": {"lr": 1e-3, "warmup_steps": 3, "min_lr_ratio": 0.1},
+            "data": {
+                "train": f"harvest:{out / 'harvest.sqlite'}",
+                "eval": None,
+                "seq_len": s["seq_len"],
+            },
+            "train": {
+                "steps": s["steps"],
+                "micro_batch_size": s["micro_batch_size"],
+                "save_every": 10,
+                "eval_every": 0,
+            },
+        }
+    )
+    run_distill(cfg, resume=True)
+    timings["distill_s"] = round(time.perf_counter() - t0, 1)
+
+    t0 = time.perf_counter()
+    before, _ = load_model(str(student_init))
+    after, _ = load_model(str(out / "student" / "student"))
+    ctrl, _ = load_model(str(control))
+    heldout = load_chat_data(
+        f"harvest:{out / 'heldout.sqlite'}", tok, seq_len=s["seq_len"], with_logprobs=False
+    )
+    nll_before, n_tok = chat_nll(before, heldout)
+    nll_after, _ = chat_nll(after, heldout)
+    texts = [ex["messages"][-1]["content"] for ex in store_examples(out / "harvest.sqlite")]
+    res_s = radioactivity_open(after, tok, texts, key, wm, prompts=train_prompts)
+    res_c = radioactivity_open(ctrl, tok, texts, key, wm, prompts=train_prompts)
+    timings["eval_and_audit_s"] = round(time.perf_counter() - t0, 1)
+    return BlackboxResult(
+        nll_before=nll_before,
+        nll_after=nll_after,
+        n_heldout_tokens=n_tok,
+        p_student=res_s.p_value,
+        p_control=res_c.p_value,
+        verdict_student=res_s.verdict(s["alpha"]),
+        verdict_control=res_c.verdict(s["alpha"]),
+        harvest={
+            "topk_aligned": probe.stats.get("aligned"),
+            "objective": "SFT + top-k KD" if ce_weight < 1 else "SFT",
+            "train_records": len(texts),
+            "max_batch_seen": health.get("max_batch_seen"),
+            "completion_tokens_this_run": stats.completion_tokens,
+            "failed": stats.failed,
+        },
+        timings=timings,
+        audit={"student": res_s.to_dict(), "control": res_c.to_dict()},
+    )
