@@ -201,8 +201,18 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
 
     exe = str(Path(sys.executable).with_name("potstill"))
     extra = {"train.steps": 12, "train.save_every": 3, "train.eval_every": 0}
-    full = subprocess.run([exe, "distill", "--config", TINY, "--no-progress",
-                           *tiny_overrides(tmp_path / "full", **extra)], capture_output=True, timeout=300)
+    full = subprocess.run(
+        [
+            exe,
+            "distill",
+            "--config",
+            TINY,
+            "--no-progress",
+            *tiny_overrides(tmp_path / "full", **extra),
+        ],
+        capture_output=True,
+        timeout=300,
+    )
     assert full.returncode == 0, full.stderr
     cut = tmp_path / "cut"
     args = [exe, "distill", "--config", TINY, "--no-progress", *tiny_overrides(cut, **extra)]

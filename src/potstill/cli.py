@@ -176,6 +176,7 @@ PLUGINS = (
     "potstill.serve.cli",
     "potstill.harvest.cli",
     "potstill.watermark.cli",
+    "potstill.defend.cli",
 )
 
 

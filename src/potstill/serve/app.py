@@ -1,7 +1,8 @@
 """The FastAPI app: OpenAI-compatible /v1/completions, /v1/chat/completions, /v1/models.
 
 Order of checks for a generation request: API key (401) -> body validation (400) ->
-model name (404) -> prompt / context length (400) -> rate limits (429) -> generation
+model name (404) -> ``admit`` hook: API policy (400), extraction monitor (429/403) ->
+prompt / context length (400) -> rate limits (429) -> generation
 (500 if the worker fails this request). Every error body has OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}`` and every request to a /v1 endpoint
 leaves one audit line.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -28,7 +30,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from potstill import __version__
-from potstill.serve.audit import AuditLog, prompt_sha256
+from potstill.serve.audit import AUDIT_FIELDS, AuditLog, prompt_sha256
 from potstill.serve.auth import KeyRing, RateLimiter
 from potstill.serve.engine import Engine, Event, RequestGroup, SamplingParams, TokenLogprob
 from potstill.serve.protocol import (
@@ -51,6 +53,15 @@ class ServeSettings:
     tpm: int | None = None
     audit_log: str | Path | None = None
     processors: Callable[[dict[str, Any]], list[LogitsProcessor]] | None = None
+    # Defense hooks (see potstill.defend): ``observer(audit_record, prompt_text)`` runs after
+    # each generation request's audit line (prompt text: completions prompts or chat message
+    # contents, joined by newlines); ``admit(key_id, audit_record, raw_body)`` runs before
+    # generation and raises APIError to refuse; ``monitor_view()`` answers GET /v1/monitor,
+    # which needs an API key (one of ``monitor_admin_keys`` when any are set).
+    observer: Callable[[dict[str, Any], str], None] | None = None
+    admit: Callable[[str, dict[str, Any], dict[str, Any]], None] | None = None
+    monitor_view: Callable[[], dict[str, Any]] | None = None
+    monitor_admin_keys: tuple[str, ...] = ()
 
 
 @dataclass
@@ -147,6 +158,19 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         limiter.refund(rec["key_id"] or "", rec.get("_charge", 0) - used)
         rec["duration_s"] = round(time.time() - rec["unix_time"], 4)
         audit.write(rec)
+        text = getattr(request.state, "prompt_text", None)
+        if settings.observer is not None and text is not None:
+            try:
+                settings.observer({k: rec.get(k) for k in AUDIT_FIELDS}, text)
+            except Exception:  # a monitor bug must not fail the request it watches
+                logging.getLogger("potstill.serve").exception("the request observer failed")
+
+    async def admit(request: Request, kid: str, text: str) -> None:
+        request.state.prompt_text = text
+        if settings.admit is None:
+            return
+        raw = await request.json()  # the raw body: fields the request models drop
+        settings.admit(kid, request.state.audit, raw if isinstance(raw, dict) else {})
 
     def error_response(request: Request, err: APIError) -> JSONResponse:
         write_audit(request, err.status, error_code=err.code or err.type)
@@ -206,6 +230,28 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": engine.model_name, **engine.health()}
+
+    if settings.monitor_view is not None:
+        view = settings.monitor_view
+        admins = KeyRing(settings.monitor_admin_keys)
+
+        @app.get("/v1/monitor")
+        async def monitor(request: Request, kid: str = Depends(authorize)) -> Any:
+            if not (keys.enabled or admins.enabled):
+                raise APIError(
+                    403,
+                    "the monitor view needs an API key: start the server with --api-key",
+                    type="permission_error",
+                )
+            if admins.enabled:
+                try:
+                    admins.check(request.headers.get("authorization"))
+                except APIError:
+                    raise APIError(
+                        403, "the monitor view needs an admin key", type="permission_error"
+                    ) from None
+            write_audit(request, 200)
+            return view()
 
     @app.get("/v1/models")
     async def list_models(kid: str = Depends(authorize)) -> dict[str, Any]:
@@ -369,6 +415,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         check_model(body.model)
         prompts = completion_prompts(body)
         request.state.audit["prompt_sha256"] = prompt_sha256(body.prompt)
+        await admit(request, kid, "\n".join(p.text for p in prompts))
         max_tokens = body.max_tokens or 16
         job = start_job(request, kid, prompts, body, max_tokens, body.logprobs, echo)
         want_lp = body.logprobs is not None
@@ -418,6 +465,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         check_model(body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         request.state.audit["prompt_sha256"] = prompt_sha256(messages)
+        await admit(request, kid, "\n".join(m["content"] for m in messages))
         if not getattr(engine.tokenizer, "chat_template", None):
             raise APIError(
                 400,

@@ -62,6 +62,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="write the serving settings (watermark scheme, params, key id) here; "
         "default: AUDIT_LOG.meta.json when --audit-log is set",
     )
+    from potstill.defend.cli import add_serve_args  # defense flags (argparse-level import)
+
+    add_serve_args(s)
     s.set_defaults(func=cmd_serve)
 
 
@@ -105,13 +108,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
             args.watermark, gamma=args.gamma, delta=args.delta, context_width=args.context_width
         )
         processors = watermark_processors(key, params)
+    # Defense: API policy, extraction monitor, prompt log (potstill.defend.cli).
+    from potstill.defend.cli import serve_hooks
+
+    api_keys = _keys(args)
+    hooks = serve_hooks(args, api_keys)
+    api_keys = tuple(dict.fromkeys([*api_keys, *hooks["monitor_admin_keys"]]))
     engine = Engine.from_spec(args.model, max_batch=args.max_batch, device=device)
     settings = ServeSettings(
-        api_keys=_keys(args),
+        api_keys=api_keys,
         rpm=args.rpm,
         tpm=args.tpm,
         audit_log=args.audit_log,
         processors=processors,
+        **hooks,
     )
     meta_path = args.metadata or (f"{args.audit_log}.meta.json" if args.audit_log else None)
     if meta_path:

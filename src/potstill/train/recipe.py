@@ -104,8 +104,15 @@ class StepStats:
 
 
 def make_objective(cfg: DistillConfig, stats: StepStats) -> Callable[..., Tensor]:
-    """``alpha*CE + (1-alpha)*KD`` as token *sums*; records each term for logging."""
-    from potstill.losses import LOSSES, ce_plus_kd, cross_entropy, sparse_topk_kl
+    """``alpha*CE + (1-alpha)*KD`` as token *sums*; records each term for logging.
+
+    CE alone, forward KL and sparse top-k KL go through
+    :func:`~potstill.losses.fused.fused_kd_objective` (closed-form gradients in cache-sized
+    token chunks: the step's hot spot); the other divergences through their reference
+    functions.
+    """
+    from potstill.losses import LOSSES, ce_plus_kd, cross_entropy
+    from potstill.losses.fused import fused_kd_objective
 
     lc = cfg.loss
     kd_fn = LOSSES[lc.kind]
@@ -117,31 +124,23 @@ def make_objective(cfg: DistillConfig, stats: StepStats) -> Callable[..., Tensor
 
     def objective(student_logits: Tensor, teacher: Any, labels: Tensor, **_: Any) -> Tensor:
         """teacher: None (CE only), full logits [..,V], or sparse (topk_ids, topk_logprobs)."""
-        ce = cross_entropy(student_logits, labels, reduction="sum")
-        stats.ce += ce.detach().float().cpu()
-        if teacher is None:
-            total = ce
+        if teacher is None or isinstance(teacher, tuple) or lc.kind == "forward_kl":
+            total, ce, kd = fused_kd_objective(
+                student_logits, teacher, labels, alpha=lc.ce_weight, temperature=lc.temperature
+            )
         else:
-            if isinstance(teacher, tuple):  # top-k targets from a logit cache or API logprobs
-                kd = sparse_topk_kl(
-                    student_logits,
-                    teacher[0],
-                    teacher[1],
-                    labels,
-                    temperature=lc.temperature,
-                    reduction="sum",
-                )
-            else:
-                kd = kd_fn(
-                    student_logits,
-                    teacher,
-                    labels,
-                    temperature=lc.temperature,
-                    reduction="sum",
-                    **extra,
-                )
-            stats.kd += kd.detach().float().cpu()
+            ce = cross_entropy(student_logits, labels, reduction="sum")
+            kd = kd_fn(
+                student_logits,
+                teacher,
+                labels,
+                temperature=lc.temperature,
+                reduction="sum",
+                **extra,
+            )
             total = ce_plus_kd(ce, kd, alpha=lc.ce_weight)
+        stats.ce += ce.detach().float().cpu()
+        stats.kd += kd.detach().float().cpu()
         stats.total += total.detach().float().cpu()
         return total
 

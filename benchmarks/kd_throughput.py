@@ -1,0 +1,644 @@
+"""KD throughput and memory: potstill (online teacher, logit cache) side by side with TRL.
+
+    python benchmarks/kd_throughput.py            # full CPU run (< 15 min on 2 cores)
+    python benchmarks/kd_throughput.py --quick    # smoke run (~3 min quiet)
+    python benchmarks/kd_throughput.py --device cuda --dtype bf16 --teacher DIR \\
+        --student-layers 8 --student-width 768 --batch-size 16 --seq-len 1024   # accelerator
+
+Everything is measured in ONE run on the same student init, teacher, batch, seq len and
+dtype, and written to ``benchmarks/results/kd_throughput.json``:
+
+* training tokens/s of ``potstill distill`` (its real loop, ``run_distill``) with the online
+  teacher and with ``teacher.spec=cache:DIR``, and of TRL's ``GKDTrainer`` (lmbda=0, beta=0:
+  forward KL on the data, no generation); steady state = mean step time after ``--warmup``
+  steps (potstill: from metrics.jsonl; TRL: a step-begin/step-end callback);
+* MFU = model FLOP/s / measured peak (a big ``torch.matmul`` in fp32, and in the run dtype).
+  Model FLOPs per step = ``6 * N_student * tokens`` (forward + backward) ``+ 2 * N_teacher *
+  tokens`` (teacher forward, online runs only). ``N`` is the unique parameter count; the tied
+  embedding counts once, which is exactly the lm-head matmul (the embedding lookup is free).
+  Attention score FLOPs (``~12 * layers * T * width`` per token) and the softmax/loss are not
+  counted (standard "6N" accounting). ``mfu_student`` times the student's training step
+  alone (fwd + bwd + AdamW, the cached-teacher step) in fp32 against the fp32 peak;
+* peak RSS (CPU: ``VmHWM`` of /proc/self/status; CUDA: ``max_memory_allocated``) of one KD loss step (student
+  head + forward KL + backward) at ``V=49152``, ``B*T=4096``, plain vs
+  ``fused_linear_kd_loss`` chunked, each in a fresh subprocess;
+* cache bytes/token and KL(teacher || reconstruction from the cache) at k in {8,32,64,128};
+* held-out KL(teacher || student) of the students trained online vs from the cache (same
+  data, steps and init): the cache must not cost accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "kd_throughput.json"
+
+
+def log(msg: str) -> None:
+    print(f"[kd_throughput {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- peak FLOP/s
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device: str, dtype: torch.dtype, n: int, seconds: float = 2.0) -> float:
+    """Best FLOP/s of ``n x n @ n x n`` matmuls over ~``seconds`` (after one warm-up)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    torch.matmul(a, b)
+    _sync(device)
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        _sync(device)
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def make_data(tmp: Path, tokenizer: Any, n_blocks: int, seq_len: int, quick: bool) -> str:
+    """A .jsonl training file that packs into about ``n_blocks`` blocks (Shakespeare if
+    cached locally, else synthetic text), so the cache covers only what is trained on."""
+    from potstill.data import load_texts
+
+    try:
+        texts = load_texts("shakespeare:train")
+    except Exception:  # offline machine without the corpus: synthetic text
+        texts = load_texts("synthetic:0:2000")
+    out, tokens = [], 0
+    for t in texts:
+        for start in range(0, len(t), 4000):
+            piece = t[start : start + 4000]
+            out.append(piece)
+            tokens += len(tokenizer(piece, add_special_tokens=False)["input_ids"]) + 1
+            if tokens >= n_blocks * seq_len + seq_len:
+                break
+        if tokens >= n_blocks * seq_len + seq_len:
+            break
+    path = tmp / "train.jsonl"
+    path.write_text("".join(json.dumps({"text": x}) + "\n" for x in out))
+    return str(path)
+
+
+def heldout_blocks(tokenizer: Any, seq_len: int, n: int) -> torch.Tensor:
+    from potstill.data import load_texts, pack_sequences, tokenize_texts
+
+    try:
+        texts = load_texts("shakespeare:heldout")
+    except Exception:
+        texts = load_texts("synthetic:7:200")
+    return pack_sequences(tokenize_texts(texts[:2], tokenizer), seq_len)[:n]
+
+
+# ----------------------------------------------------------------------------- potstill runs
+
+
+def distill_cfg(a: argparse.Namespace, out: Path, data: str, teacher: str, **extra: Any) -> Any:
+    from potstill.config import DistillConfig, load_config
+
+    items = {
+        "out_dir": str(out),
+        "teacher.spec": teacher,
+        "teacher.dtype": "float32",
+        "student.layers": a.student_layers,
+        "student.width": a.student_width,
+        "student.seed": 0,
+        "loss.kind": "forward_kl",
+        "loss.ce_weight": 0.0,
+        "optim.lr": a.lr,
+        "optim.warmup_steps": 0,
+        "optim.min_lr_ratio": 1.0,  # constant LR, as the TRL run
+        "data.train": data,
+        "data.eval": None,
+        "data.seq_len": a.seq_len,
+        "train.steps": a.steps,
+        "train.micro_batch_size": a.batch_size,
+        "train.grad_accum": 1,
+        "train.bf16": a.dtype == "bf16",
+        "train.eval_every": 0,
+        "train.save_every": 0,
+        "train.log_every": 1,
+        "train.threads": a.threads,
+        **extra,
+    }
+    return load_config(
+        DistillConfig, None, [f"{k}={'null' if v is None else v}" for k, v in items.items()]
+    )
+
+
+def step_times_from_metrics(run: Path) -> list[float]:
+    """Per-step wall times: metrics rows give cumulative tokens / (tokens per second)."""
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["split"] == "train"]
+    elapsed = [r["tokens"] / r["tok_per_s"] for r in rows]
+    return [b - a for a, b in zip([0.0, *elapsed[:-1]], elapsed, strict=True)]
+
+
+def run_potstill(cfg: Any, device: str) -> list[float]:
+    from potstill.train import recipe
+
+    if device == "cuda":  # run_distill leaves an online teacher where it was loaded
+        real = recipe.load_teacher
+
+        def on_device(*args: Any, **kw: Any) -> Any:
+            t = real(*args, **kw)
+            return t.to("cuda") if t is not None else None
+
+        recipe.load_teacher = on_device  # type: ignore[assignment]
+    try:
+        run = recipe.run_distill(cfg, show_progress=False)
+    finally:
+        if device == "cuda":
+            recipe.load_teacher = real  # type: ignore[assignment]
+    return step_times_from_metrics(run)
+
+
+# ----------------------------------------------------------------------------- TRL
+
+
+def run_trl(a: argparse.Namespace, tmp: Path, tokenizer: Any, blocks: torch.Tensor) -> list[float]:
+    """TRL GKDTrainer, lmbda=0 (no on-policy generation), beta=0 (forward KL), same student
+    init, teacher, batch, seq len, dtype and constant LR; returns per-step wall times."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    from potstill.config import StudentConfig
+    from potstill.teachers import load_model
+    from potstill.train.student import build_student
+
+    student = build_student(
+        StudentConfig(layers=a.student_layers, width=a.student_width, seed=0),
+        tokenizer,
+        max_len=a.seq_len,
+    )
+    teacher, _ = load_model(a.teacher)
+    ds = Dataset.from_dict(
+        {
+            "input_ids": blocks.tolist(),
+            "attention_mask": torch.ones_like(blocks).tolist(),
+            "labels": blocks.tolist(),  # GKD shifts labels itself
+        }
+    )
+
+    def collate(feats: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return {
+            k: torch.tensor([f[k] for f in feats])
+            for k in ("input_ids", "attention_mask", "labels")
+        }
+
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        t0 = 0.0
+
+        def on_step_begin(self, *args: Any, **kw: Any) -> None:
+            _sync(a.device)
+            Timer.t0 = time.perf_counter()
+
+        def on_step_end(self, *args: Any, **kw: Any) -> None:
+            _sync(a.device)
+            times.append(time.perf_counter() - Timer.t0)
+
+    args = GKDConfig(
+        output_dir=str(tmp / "trl"),
+        per_device_train_batch_size=a.batch_size,
+        gradient_accumulation_steps=1,
+        max_steps=a.steps,
+        learning_rate=a.lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.1,
+        adam_beta2=0.95,
+        max_grad_norm=1.0,
+        lmbda=0.0,
+        beta=0.0,
+        temperature=1.0,
+        max_length=a.seq_len,
+        bf16=a.dtype == "bf16",
+        use_cpu=a.device == "cpu",
+        save_strategy="no",
+        report_to=[],
+        logging_steps=10**6,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    trainer = GKDTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=args,
+        data_collator=collate,
+        train_dataset=ds,
+        processing_class=tokenizer,
+        callbacks=[Timer()],
+    )
+    trainer.train()
+    return times
+
+
+# ----------------------------------------------------------------------------- student MFU
+
+
+def student_step_time(
+    a: argparse.Namespace, cache_dir: Path, data: str, tokenizer: Any
+) -> tuple[float, int, int]:
+    """Mean time of the cached-teacher student step (fwd + bwd + AdamW) in fp32; returns
+    (seconds per step, tokens per step, unique student params)."""
+    from potstill.train.data import prepare_data
+    from potstill.train.recipe import (
+        HiddenLM,
+        StepStats,
+        make_objective,
+        make_optimizer,
+        micro_loss,
+    )
+    from potstill.train.student import build_student, count_params
+
+    cfg = distill_cfg(a, Path(tempfile.mkdtemp()), data, f"cache:{cache_dir}")
+    cfg.train.micro_batch_size = a.mfu_batch
+    student = build_student(cfg.student, tokenizer, max_len=a.seq_len).to(a.device)
+    model = HiddenLM(student)
+    opt = make_optimizer(model, cfg)
+    td = prepare_data(cfg, tokenizer, world_size=1)
+    objective = make_objective(cfg, StepStats.zeros())
+    batches = [
+        {k: v.to(a.device) for k, v in td.micro_batch(i % td.batches_per_epoch, 0).items()}
+        for i in range(a.mfu_steps + 2)
+    ]
+    times = []
+    for i, batch in enumerate(batches):
+        _sync(a.device)
+        t0 = time.perf_counter()
+        loss = micro_loss(model, None, batch, cfg, objective) / batch["labels"].numel()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(a.device)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return sum(times) / len(times), a.mfu_batch * a.seq_len, count_params(student)
+
+
+# ----------------------------------------------------------------------------- peak memory
+
+
+def _proc_status_mb(field: str) -> float:
+    """``VmHWM`` (peak RSS) or ``VmRSS`` of this process in MB. Unlike ``ru_maxrss``, the
+    high-water mark belongs to the process image, so it does not inherit the parent's peak
+    across fork + exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_probe(
+    variant: str, vocab: int, tokens: int, hs: int, ht: int, device: str
+) -> dict[str, float]:
+    """One KD loss step (student head, forward KL vs the teacher's head, backward); runs in a
+    fresh process. Returns peak memory (MB) and the baseline before the step."""
+    from potstill.losses import forward_kl, fused_linear_kd_loss
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(tokens, hs, generator=g).to(device).requires_grad_(True)
+    w = (torch.randn(vocab, hs, generator=g) * 0.02).to(device).requires_grad_(True)
+    th = torch.randn(tokens, ht, generator=g).to(device)
+    tw = (torch.randn(vocab, ht, generator=g) * 0.02).to(device)
+    labels = torch.randint(0, vocab, (tokens,), generator=g).to(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() / 2**20
+    else:
+        base = _proc_status_mb("VmRSS")
+    if variant == "plain":
+        with torch.no_grad():
+            t_logits = F.linear(th, tw)
+        loss = forward_kl(F.linear(h, w), t_logits, labels, reduction="sum")
+    else:
+        loss = fused_linear_kd_loss(
+            forward_kl, h, w, (th, tw), labels, chunk_tokens=512, reduction="sum"
+        )
+    loss.backward()
+    _sync(device)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = _proc_status_mb("VmHWM")
+    return {"peak_mb": peak, "baseline_mb": base, "loss": float(loss)}
+
+
+def measure_peak(variant: str, a: argparse.Namespace, ht: int) -> dict[str, float]:
+    cmd = [
+        sys.executable, __file__, "--rss-probe", variant, "--device", a.device,
+        "--student-width", str(a.student_width), "--probe-teacher-width", str(ht),
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"rss probe {variant} failed: {proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- KL
+
+
+@torch.no_grad()
+def heldout_kl(
+    student_dir: Path, t_logits: torch.Tensor, blocks: torch.Tensor, device: str
+) -> float:
+    """Mean KL(teacher || student) in nats/token over held-out blocks (fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(student_dir).to(device).eval()
+    total, n = 0.0, 0
+    for i in range(blocks.shape[0]):
+        s = model(input_ids=blocks[i : i + 1].to(device)).logits.float()[..., : t_logits.shape[-1]]
+        lp_t = torch.log_softmax(t_logits[i : i + 1].to(device).float(), -1)
+        lp_s = torch.log_softmax(s, -1)
+        total += float((lp_t.exp() * (lp_t - lp_s)).sum())
+        n += blocks.shape[1]
+    return total / n
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def steady(times: list[float], warmup: int) -> float:
+    rest = times[warmup:] or times
+    return sum(rest) / len(rest)
+
+
+def main() -> None:
+    a = parse_args()
+    if a.rss_probe:
+        vocab, tokens = 49152, 4096
+        print(
+            json.dumps(
+                rss_probe(
+                    a.rss_probe, vocab, tokens, a.student_width, a.probe_teacher_width, a.device
+                )
+            )
+        )
+        return
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    from potstill.teachers import load_model
+    from potstill.teachers.cache import CacheJob, bytes_per_token, reconstruction_kl, write_cache
+    from potstill.train.student import count_params
+
+    t_start = time.perf_counter()
+    res: dict[str, Any] = {"settings": {k: v for k, v in vars(a).items() if k != "rss_probe"}}
+    tmp = Path(tempfile.mkdtemp(prefix="kd_bench_"))
+    teacher_model, tok = load_model(a.teacher)
+    n_teacher = count_params(teacher_model)
+    t_width = int(teacher_model.config.hidden_size)
+    vocab = int(teacher_model.get_output_embeddings().weight.shape[0])
+    n_blocks = a.steps * a.batch_size
+    data = make_data(tmp, tok, n_blocks, a.seq_len, a.quick)
+
+    # 1. Peaks.
+    dt = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    n = 8192 if a.device == "cuda" else 2048
+    peak32 = matmul_peak(a.device, torch.float32, n)
+    peak_run = matmul_peak(a.device, dt, n) if dt != torch.float32 else peak32
+    log(f"matmul peak fp32 {peak32 / 1e9:.1f} GFLOP/s, {a.dtype} {peak_run / 1e9:.1f} GFLOP/s")
+
+    # 2. The cache (timed: one teacher pass over the training data).
+    cache_dir = tmp / "cache"
+    t0 = time.perf_counter()
+    man = write_cache(
+        CacheJob(teacher=a.teacher, data=data, out=cache_dir, k=64, seq_len=a.seq_len,
+                 batch_size=a.batch_size, shard_blocks=64, scheme="u8", bf16=a.dtype == "bf16"),
+        log=lambda _m: None,
+    )  # fmt: skip
+    cache_s = time.perf_counter() - t0
+    cached_tokens = man["n_blocks"] * a.seq_len
+    log(
+        f"cache: {cached_tokens} tokens in {cache_s:.1f}s, {man['file_bytes_per_token']:.1f} B/token"
+    )
+
+    # 3. Training throughput, same student init / teacher / batch / seq len / dtype.
+    tokens_per_step = a.batch_size * a.seq_len
+    online = run_potstill(distill_cfg(a, tmp / "online", data, a.teacher), a.device)
+    log(f"potstill online: {tokens_per_step / steady(online, a.warmup):.0f} tok/s")
+    cached = run_potstill(distill_cfg(a, tmp / "cached", data, f"cache:{cache_dir}"), a.device)
+    log(f"potstill cached: {tokens_per_step / steady(cached, a.warmup):.0f} tok/s")
+    from potstill.train.data import prepare_data
+
+    blocks = prepare_data(distill_cfg(a, tmp / "x", data, a.teacher), tok, world_size=1).blocks
+    trl = run_trl(a, tmp, tok, blocks[:n_blocks])
+    log(f"TRL GKD: {tokens_per_step / steady(trl, a.warmup):.0f} tok/s")
+    tps = {
+        k: tokens_per_step / steady(v, a.warmup)
+        for k, v in (("online", online), ("cached", cached), ("trl", trl))
+    }
+
+    # 4. MFU (documented in the module docstring).
+    from potstill.train.student import build_student
+
+    n_student = count_params(
+        build_student(distill_cfg(a, tmp / "y", data, a.teacher).student, tok, max_len=a.seq_len)
+    )
+    flops_tok = {
+        "online": 6 * n_student + 2 * n_teacher,
+        "cached": 6 * n_student,
+        "trl": 6 * n_student + 2 * n_teacher,
+    }
+    mfu_runs = {k: tps[k] * flops_tok[k] / peak_run for k in tps}
+    step_s, step_tokens, n_mfu = student_step_time(a, cache_dir, data, tok)
+    mfu_student = 6 * n_mfu * step_tokens / step_s / peak32
+    log(
+        f"student step ({n_mfu / 1e6:.1f}M params, {step_tokens} tokens, fp32): {step_s * 1e3:.0f} ms, MFU {mfu_student:.1%}"
+    )
+
+    # 5. Peak memory of the KD loss step, each variant in a fresh process.
+    plain = measure_peak("plain", a, t_width)
+    chunked = measure_peak("chunked", a, t_width)
+    log(f"peak MB plain {plain['peak_mb']:.0f} chunked {chunked['peak_mb']:.0f}")
+
+    # 6. Cache size and reconstruction KL at several k (teacher logits on held-out text).
+    hb = heldout_blocks(tok, a.seq_len, a.kl_blocks)
+    teacher_model = teacher_model.to(a.device).eval()
+    with torch.no_grad():
+        t_logits = torch.cat(
+            [
+                teacher_model(input_ids=hb[i : i + 1].to(a.device)).logits.float().cpu()
+                for i in range(hb.shape[0])
+            ]
+        )
+    recon = {}
+    for k in (8, 32, 64, 128):
+        flat = t_logits.reshape(-1, t_logits.shape[-1])
+        kl_u8 = reconstruction_kl(flat, k, "u8")
+        kl_exact = reconstruction_kl(flat, k, None)
+        recon[str(k)] = {
+            "payload_bytes_per_token": bytes_per_token(k, vocab, "u8"),
+            "kl_mean_u8": kl_u8[0],
+            "kl_max_u8": kl_u8[1],
+            "kl_mean_exact_topk": kl_exact[0],
+            "kl_quantization_only": kl_u8[0] - kl_exact[0],
+        }
+        log(
+            f"k={k}: {bytes_per_token(k, vocab, 'u8')} B/token, KL(teacher||cache) {kl_u8[0]:.4g} nats"
+        )
+
+    # 7. Held-out KL to the teacher: student trained online vs from the cache.
+    kl_online = heldout_kl(tmp / "online" / "student", t_logits, hb, a.device)
+    kl_cached = heldout_kl(tmp / "cached" / "student", t_logits, hb, a.device)
+    log(f"held-out KL online {kl_online:.4f}, cached {kl_cached:.4f}")
+
+    res.update(
+        {
+            "models": {
+                "teacher": a.teacher,
+                "teacher_params": n_teacher,
+                "student_params": n_student,
+                "student_layers": a.student_layers,
+                "student_width": a.student_width,
+                "vocab": vocab,
+                "real_smollm2_teacher": a.teacher == "smollm2-135m-instruct",
+            },
+            "tokens_per_step": tokens_per_step,
+            "tokens_per_s": tps,
+            "step_times_s": {"online": online, "cached": cached, "trl": trl},
+            "speedup_cached_vs_trl": tps["cached"] / tps["trl"],
+            "speedup_online_vs_trl": tps["online"] / tps["trl"],
+            "matmul_peak_flops": {"fp32": peak32, a.dtype: peak_run},
+            "mfu_runs": mfu_runs,
+            "mfu_formula": "tokens/s * (6*N_student + 2*N_teacher [online only]) / matmul peak of the run dtype",
+            "mfu_student": mfu_student,
+            "mfu_student_detail": {
+                "params": n_mfu,
+                "tokens_per_step": step_tokens,
+                "step_s": step_s,
+                "dtype": "float32",
+            },
+            "kd_loss_peak_mb": {"plain": plain, "chunked": chunked, "vocab": 49152, "tokens": 4096},
+            "chunked_peak_ratio": chunked["peak_mb"] / plain["peak_mb"],
+            "chunked_step_increment_ratio": (chunked["peak_mb"] - chunked["baseline_mb"])
+            / max(1e-9, plain["peak_mb"] - plain["baseline_mb"]),
+            "cache": {
+                "k": 64,
+                "scheme": "u8",
+                "build_s": cache_s,
+                "build_tokens_per_s": cached_tokens / cache_s,
+                "file_bytes_per_token": man["file_bytes_per_token"],
+                "reconstruction": recon,
+            },
+            "cache_bytes_per_token_k64": man["file_bytes_per_token"],
+            "heldout_kl": {
+                "online": kl_online,
+                "cached": kl_cached,
+                "relative_diff": abs(kl_cached - kl_online) / kl_online,
+                "steps": a.steps,
+                "blocks": int(hb.shape[0]),
+            },
+            "environment": {
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "threads": torch.get_num_threads(),
+                "cpu_count": os.cpu_count(),
+                "device": torch.cuda.get_device_name()
+                if a.device == "cuda"
+                else platform.processor() or "cpu",
+            },
+            "wall_s": time.perf_counter() - t_start,
+        }
+    )
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print_summary(res)
+    log(f"wrote {out} in {res['wall_s']:.0f}s")
+
+
+def print_summary(r: dict[str, Any]) -> None:
+    t = r["tokens_per_s"]
+    print(
+        f"\ntokens/s   online {t['online']:.0f}   cached {t['cached']:.0f}   TRL GKD {t['trl']:.0f}"
+    )
+    print(
+        f"speedup    cached/TRL {r['speedup_cached_vs_trl']:.2f}x (target >= 2)   online/TRL {r['speedup_online_vs_trl']:.2f}x (target >= 1.2)"
+    )
+    print(f"MFU        student step {r['mfu_student']:.1%} of fp32 matmul peak (target >= 50%)")
+    print(f"memory     chunked/plain peak {r['chunked_peak_ratio']:.1%} (target <= 25%)")
+    print(f"cache      {r['cache_bytes_per_token_k64']:.1f} bytes/token at k=64 (target <= 200)")
+    kl = r["heldout_kl"]
+    print(
+        f"held-out   KL online {kl['online']:.4f} cached {kl['cached']:.4f} ({kl['relative_diff']:.2%}, target <= 2%)"
+    )
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fast smoke run")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="bf16", help="run dtype (autocast)")
+    p.add_argument("--teacher", default="smollm2-135m-instruct")
+    p.add_argument("--student-layers", type=int, default=4)
+    p.add_argument("--student-width", type=int, default=320)
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per training run")
+    p.add_argument("--warmup", type=int, default=2, help="steps excluded from the timing")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--mfu-batch", type=int, default=None, help="sequences in the MFU student step")
+    p.add_argument("--mfu-steps", type=int, default=None)
+    p.add_argument("--kl-blocks", type=int, default=None, help="held-out blocks for the KL figures")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument(
+        "--rss-probe", choices=("plain", "chunked"), default=None, help=argparse.SUPPRESS
+    )
+    p.add_argument("--probe-teacher-width", type=int, default=576, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    quick = a.quick
+    defaults = {
+        "seq_len": 128 if quick else 256,
+        "batch_size": 4,
+        "steps": 5 if quick else 16,
+        "mfu_batch": 4 if quick else 8,
+        "mfu_steps": 2 if quick else 3,
+        "kl_blocks": 2 if quick else 8,
+    }
+    for k, v in defaults.items():
+        if getattr(a, k) is None:
+            setattr(a, k, v)
+    return a
+
+
+if __name__ == "__main__":
+    main()

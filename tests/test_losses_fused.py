@@ -1,0 +1,112 @@
+"""The fused objective equals the reference losses, value and gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from potstill.losses import cross_entropy, forward_kl, sparse_topk_kl, topk_from_logits
+from potstill.losses.fused import fused_kd_objective
+
+
+def _case(seed: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    s = (torch.randn(3, 7, 50, generator=g) * 3).to(dtype)
+    t = (torch.randn(3, 7, 50, generator=g) * 3).to(dtype)
+    labels = torch.randint(0, 50, (3, 7), generator=g)
+    labels[0, :3] = -100
+    labels[2, 6] = -100
+    return s, t, labels
+
+
+def _reference(s, teacher, labels, alpha, temperature):  # type: ignore[no-untyped-def]
+    ce = cross_entropy(s, labels, reduction="sum")
+    if teacher is None:
+        return ce
+    if isinstance(teacher, tuple):
+        kd = sparse_topk_kl(s, *teacher, labels, temperature=temperature, reduction="sum")
+    else:
+        kd = forward_kl(s, teacher, labels, temperature=temperature, reduction="sum")
+    return alpha * ce + (1 - alpha) * kd
+
+
+def _grads(fn, s):  # type: ignore[no-untyped-def]
+    x = s.clone().requires_grad_(True)
+    out = fn(x)
+    total = out[0] if isinstance(out, tuple) else out
+    (total * 1.7).backward()
+    return total.detach(), x.grad
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_dense_matches_reference(temperature: float, alpha: float, chunk: int) -> None:
+    s, t, labels = _case(0)
+    ref_v, ref_g = _grads(lambda x: _reference(x, t, labels, alpha, temperature), s)
+    v, g = _grads(
+        lambda x: fused_kd_objective(
+            x, t, labels, alpha=alpha, temperature=temperature, chunk_tokens=chunk
+        ),
+        s,
+    )
+    torch.testing.assert_close(v, ref_v, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g, ref_g, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 8, 50])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_sparse_matches_reference(k: int, temperature: float) -> None:
+    s, t, labels = _case(1)
+    ids, lps = topk_from_logits(t, k, temperature=temperature)
+    if k == 8:  # fewer entries known at some positions, as API logprobs can be
+        ids[1, 2, 5:] = -1
+        ids[2, 0, 1:] = -1
+    teacher = (ids, lps)
+    ref_v, ref_g = _grads(lambda x: _reference(x, teacher, labels, 0.25, temperature), s)
+    v, g = _grads(
+        lambda x: fused_kd_objective(
+            x, teacher, labels, alpha=0.25, temperature=temperature, chunk_tokens=4
+        ),
+        s,
+    )
+    torch.testing.assert_close(v, ref_v, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g, ref_g, rtol=1e-5, atol=1e-6)
+
+
+def test_all_invalid_topk_row_and_ce_only() -> None:
+    s, t, labels = _case(2)
+    ids, lps = topk_from_logits(t, 4)
+    ids[0, 4] = -1  # no teacher information at this position: the tail holds everything
+    ref_v, ref_g = _grads(lambda x: _reference(x, (ids, lps), labels, 0.0, 1.0), s)
+    v, g = _grads(lambda x: fused_kd_objective(x, (ids, lps), labels), s)
+    torch.testing.assert_close(v, ref_v, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g, ref_g, rtol=1e-5, atol=1e-6)
+    ref_v, ref_g = _grads(lambda x: cross_entropy(x, labels, reduction="sum"), s)
+    v, g = _grads(lambda x: fused_kd_objective(x, None, labels, alpha=1.0), s)
+    torch.testing.assert_close(v, ref_v, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g, ref_g, rtol=1e-5, atol=1e-6)
+
+
+def test_terms_and_bf16() -> None:
+    s, t, labels = _case(3, torch.bfloat16)
+    total, ce, kd = fused_kd_objective(s, t, labels, alpha=0.4, temperature=1.5)
+    assert total.dtype == torch.float32
+    torch.testing.assert_close(ce, cross_entropy(s, labels, reduction="sum"), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(
+        kd, forward_kl(s, t, labels, temperature=1.5, reduction="sum"), rtol=1e-5, atol=1e-4
+    )
+    torch.testing.assert_close(total, 0.4 * ce + 0.6 * kd)
+    x = s.clone().requires_grad_(True)
+    fused_kd_objective(x, t, labels, alpha=0.4)[0].backward()
+    assert x.grad is not None and x.grad.dtype == torch.bfloat16
+    assert torch.all(x.grad[0, :3] == 0)  # masked positions get no gradient
+
+
+def test_all_masked_is_zero_not_nan() -> None:
+    s, t, _ = _case(4)
+    labels = torch.full((3, 7), -100)
+    x = s.clone().requires_grad_(True)
+    total, _, _ = fused_kd_objective(x, t, labels, alpha=0.5)
+    total.backward()
+    assert float(total) == 0.0 and torch.all(x.grad == 0)
