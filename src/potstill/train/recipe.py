@@ -276,6 +276,8 @@ def run_distill(
     student = load_student(cfg, tokenizer)
     vocab = student.get_output_embeddings().weight.shape[0]
     teacher = load_teacher(cfg, tokenizer, vocab)
+    if teacher is not None:
+        teacher.to(acc.device)
     if teacher is None and data.targets is None and cfg.loss.ce_weight < 1.0:
         raise PotstillError(
             f"loss.ce_weight={cfg.loss.ce_weight} asks for a KD term but teacher.spec={cfg.teacher.spec!r} "
