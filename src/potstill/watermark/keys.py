@@ -12,13 +12,11 @@ Every pseudo-random draw of the watermarks is ``HMAC-SHA256(key, domain || conte
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import hmac
 import os
 import re
 import secrets
-import tempfile
 from pathlib import Path
 
 from potstill.errors import PotstillError
@@ -149,17 +147,7 @@ def write_key(path: str | Path, key: WatermarkKey, *, overwrite: bool = False) -
         raise PotstillError(
             f"{path} already exists; refusing to overwrite a key (pass --force to replace it)"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)  # before any secret byte is written
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(key._secret.hex().encode("ascii") + b"\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    from potstill.io import atomic_write_bytes
+
+    atomic_write_bytes(path, key._secret.hex().encode("ascii") + b"\n", mode=0o600)
     return path
