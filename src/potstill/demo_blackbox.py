@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 BLACKBOX_DEFAULTS: dict[str, Any] = {
-    "train_prompts": 160,
-    "heldout_prompts": 32,
-    "max_tokens": 96,
+    "train_prompts": 128,
+    "heldout_prompts": 24,
+    "max_tokens": 80,
+    "serve_dtype": "bfloat16",
     "temperature": 0.8,
     "top_logprobs": 5,
     "concurrency": 16,
@@ -28,8 +29,8 @@ BLACKBOX_DEFAULTS: dict[str, Any] = {
     "micro_batch_size": 8,
     "seq_len": 256,
     "gamma": 0.25,
-    "delta": 3.0,
-    "context_width": 2,
+    "delta": 4.0,
+    "context_width": 1,
     "alpha": 0.01,
 }
 
@@ -130,7 +131,9 @@ def run_blackbox(
     train_prompts, heldout_prompts = prompts[: s["train_prompts"]], prompts[s["train_prompts"] :]
 
     t0 = time.perf_counter()
-    engine = Engine.from_spec(teacher, max_batch=s["max_batch"], device="cpu")
+    engine = Engine.from_spec(
+        teacher, max_batch=s["max_batch"], device="cpu", dtype=s["serve_dtype"]
+    )
     app = create_app(
         engine,
         ServeSettings(processors=watermark_processors(key, wm), audit_log=out / "audit.jsonl"),

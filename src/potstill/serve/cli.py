@@ -42,6 +42,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)"
     )
+    s.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="weight dtype (bfloat16: faster decoding, bf16-rounded logprobs)",
+    )
     w = s.add_argument_group("watermark (keyed, on every sampled completion)")
     w.add_argument(
         "--watermark", choices=("kgw", "gumbel"), default=None, help="scheme; default none"
@@ -114,7 +120,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api_keys = _keys(args)
     hooks = serve_hooks(args, api_keys)
     api_keys = tuple(dict.fromkeys([*api_keys, *hooks["monitor_admin_keys"]]))
-    engine = Engine.from_spec(args.model, max_batch=args.max_batch, device=device)
+    engine = Engine.from_spec(args.model, max_batch=args.max_batch, device=device, dtype=args.dtype)
     settings = ServeSettings(
         api_keys=api_keys,
         rpm=args.rpm,

@@ -178,11 +178,19 @@ class Engine:
         self._mask: Tensor | None = None  # [B, L] 1 = real token, 0 = left padding
 
     @classmethod
-    def from_spec(cls, spec: str, *, max_batch: int = 8, device: str = "cpu") -> Engine:
-        """Load ``spec`` (any :func:`~potstill.teachers.load_model` form) onto ``device``."""
+    def from_spec(
+        cls, spec: str, *, max_batch: int = 8, device: str = "cpu", dtype: str = "float32"
+    ) -> Engine:
+        """Load ``spec`` (any :func:`~potstill.teachers.load_model` form) onto ``device``.
+
+        ``dtype``: ``"float32"`` or ``"bfloat16"`` weights (bf16 halves the bytes each
+        memory-bound decode step reads; logprobs are then bf16-rounded).
+        """
+        import torch
+
         from potstill.teachers import load_model
 
-        model, tok = load_model(spec)
+        model, tok = load_model(spec, dtype=torch.bfloat16 if dtype == "bfloat16" else None)
         return cls(model.to(device), tok, model_name=spec, max_batch=max_batch)
 
     @property
