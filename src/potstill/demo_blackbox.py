@@ -29,8 +29,8 @@ BLACKBOX_DEFAULTS: dict[str, Any] = {
     "micro_batch_size": 8,
     "seq_len": 256,
     "gamma": 0.25,
-    "delta": 4.0,
-    "context_width": 1,
+    "delta": 3.0,
+    "context_width": 2,
     "alpha": 0.01,
 }
 
