@@ -11,6 +11,7 @@ training shows the student really learned from the harvest.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,9 +153,13 @@ def run_blackbox(
 
     t0 = time.perf_counter()
     _, tok = load_model(str(student_init))
+    quiet = logging.getLogger("potstill.harvest.dataset")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # training below reports the same data summary once
     probe = load_chat_data(
         f"harvest:{out / 'harvest.sqlite'}", tok, seq_len=s["seq_len"], with_logprobs=True
     )
+    quiet.setLevel(level)
     # Top-k KD where the API's logprobs map onto our tokenizer; plain SFT otherwise.
     ce_weight = 0.5 if probe.targets is not None else 1.0
     cfg = DistillConfig.model_validate(

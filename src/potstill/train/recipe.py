@@ -542,16 +542,16 @@ class _Bar:
             TextColumn("distill"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}"),
+            TextColumn("loss {task.fields[loss]}"),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             transient=False,
         )
-        self.task = self.p.add_task("distill", total=total, completed=start, loss=float("nan"))
+        self.task = self.p.add_task("distill", total=total, completed=start, loss="-")
         self.p.start()
 
     def update(self, step: int, *, loss: float) -> None:
-        self.p.update(self.task, completed=step, loss=loss)
+        self.p.update(self.task, completed=step, loss=f"{loss:.4f}")
 
     def close(self) -> None:
         self.p.stop()
