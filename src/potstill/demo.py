@@ -99,8 +99,7 @@ def demo_configs(s: dict[str, Any], out: Path) -> tuple[DistillConfig, DistillCo
 def run_demo(settings: DemoSettings) -> dict[str, Any]:
     from rich.console import Console
 
-    from potstill.evaluate import compare, to_markdown
-    from potstill.evaluate.cli import heldout_blocks
+    from potstill.evaluate import to_markdown
     from potstill.report import plot_loss_curves, write_report
     from potstill.teachers import load_model
     from potstill.train.recipe import run_distill
@@ -127,18 +126,10 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
 
     console.print("[bold]evaluating teacher, distilled student and baseline on held-out plays")
     t0 = time.perf_counter()
-    student, _ = load_model(str(out / "distilled" / "student"))
-    baseline, _ = load_model(str(out / "baseline" / "student"))
-    blocks = heldout_blocks(
-        s["heldout"], tokenizer, seq_len=s["seq_len"], max_blocks=s["eval_blocks"]
-    )
-    vocab = min(
-        m.get_output_embeddings().weight.shape[0] for m in (teacher_model, student, baseline)
-    )
-    result = compare(teacher_model, student, blocks, baseline=baseline, vocab_size=vocab)
+    result = _evaluate_students(s, out, teacher_model, tokenizer)
     timings["eval_s"] = round(time.perf_counter() - t0, 1)
     console.print(to_markdown(result))
-    del teacher_model, student, baseline
+    del teacher_model
 
     extra_md, blackbox = "", None
     if settings.blackbox:
@@ -215,3 +206,22 @@ def _blackbox_markdown(bb: Any, s: dict[str, Any]) -> str:
             f"| control (never saw watermarked text) | {bb.p_control:.3g} | {bb.verdict_control} |",
         ]
     )
+
+
+def _evaluate_students(
+    s: dict[str, Any], out: Path, teacher_model: Any, tokenizer: Any
+) -> dict[str, Any]:
+    """Teacher, distilled student and baseline on the same held-out blocks."""
+    from potstill.evaluate import compare
+    from potstill.evaluate.cli import heldout_blocks
+    from potstill.teachers import load_model
+
+    student, _ = load_model(str(out / "distilled" / "student"))
+    baseline, _ = load_model(str(out / "baseline" / "student"))
+    blocks = heldout_blocks(
+        s["heldout"], tokenizer, seq_len=s["seq_len"], max_blocks=s["eval_blocks"]
+    )
+    vocab = min(
+        m.get_output_embeddings().weight.shape[0] for m in (teacher_model, student, baseline)
+    )
+    return compare(teacher_model, student, blocks, baseline=baseline, vocab_size=vocab)

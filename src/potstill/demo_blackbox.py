@@ -94,44 +94,21 @@ def _harvest(url: str, model_name: str, prompts: list[str], store: Path, s: dict
     )
 
 
-def run_blackbox(
+def _serve_and_harvest(
     out: Path,
-    *,
     teacher: str,
-    student_init: Path,
-    control: Path,
-    settings: dict[str, Any],
+    key: Any,
+    wm: Any,
+    prompts: tuple[list[str], list[str]],
+    s: dict[str, Any],
     console: Any,
-) -> BlackboxResult:
-    """Serve -> harvest -> distill -> evaluate -> audit; see the module docstring."""
-    from potstill.config import DistillConfig
-    from potstill.forensics.radioactivity import radioactivity_open
-    from potstill.harvest.dataset import load_chat_data
-    from potstill.harvest.export import store_examples
-    from potstill.harvest.prompts import default_prompts
+) -> tuple[Any, dict[str, Any]]:
+    """Serve the watermarked teacher on loopback and harvest train and held-out answers."""
     from potstill.serve.app import ServeSettings, create_app
     from potstill.serve.background import serve_in_background
     from potstill.serve.engine import Engine
     from potstill.serve.watermarking import watermark_processors, write_serve_metadata
-    from potstill.teachers import load_model
-    from potstill.train.recipe import run_distill
-    from potstill.watermark.keys import generate_key, load_key, write_key
-    from potstill.watermark.params import WatermarkParams
 
-    s = settings
-    timings: dict[str, float] = {}
-    out.mkdir(parents=True, exist_ok=True)
-    key_file = out / "watermark.key"
-    if not key_file.exists():  # a rerun keeps the key its harvest was marked with
-        write_key(key_file, generate_key())
-    key = load_key(key_file)
-    wm = WatermarkParams(
-        "kgw", gamma=s["gamma"], delta=s["delta"], context_width=s["context_width"]
-    )
-    prompts = default_prompts(s["train_prompts"] + s["heldout_prompts"], seed=0)
-    train_prompts, heldout_prompts = prompts[: s["train_prompts"]], prompts[s["train_prompts"] :]
-
-    t0 = time.perf_counter()
     engine = Engine.from_spec(
         teacher, max_batch=s["max_batch"], device="cpu", dtype=s["serve_dtype"]
     )
@@ -142,17 +119,22 @@ def run_blackbox(
     write_serve_metadata(out / "audit.jsonl.meta.json", model=teacher, key=key, params=wm)
     with serve_in_background(app) as url:
         console.print(f"serving {teacher} with a KGW watermark (key id {key.key_id}) at {url}/v1")
-        stats = _harvest(url, teacher, train_prompts, out / "harvest.sqlite", s)
-        _harvest(url, teacher, heldout_prompts, out / "heldout.sqlite", s)
+        stats = _harvest(url, teacher, prompts[0], out / "harvest.sqlite", s)
+        _harvest(url, teacher, prompts[1], out / "heldout.sqlite", s)
         health = engine.health()
-    timings["serve_and_harvest_s"] = round(time.perf_counter() - t0, 1)
     console.print(
         f"harvested {stats.done} new answers ({stats.skipped} already in the store, "
         f"{stats.failed} failed); largest batch the server formed: {health.get('max_batch_seen')}"
     )
+    return stats, health
 
-    t0 = time.perf_counter()
-    _, tok = load_model(str(student_init))
+
+def _distill_from_harvest(out: Path, student_init: Path, tok: Any, s: dict[str, Any]) -> Any:
+    """SFT (+ top-k KD where the API's logprobs map onto our tokenizer) from the harvest."""
+    from potstill.config import DistillConfig
+    from potstill.harvest.dataset import load_chat_data
+    from potstill.train.recipe import run_distill
+
     quiet = logging.getLogger("potstill.harvest.dataset")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # training below reports the same data summary once
@@ -160,7 +142,6 @@ def run_blackbox(
         f"harvest:{out / 'harvest.sqlite'}", tok, seq_len=s["seq_len"], with_logprobs=True
     )
     quiet.setLevel(level)
-    # Top-k KD where the API's logprobs map onto our tokenizer; plain SFT otherwise.
     ce_weight = 0.5 if probe.targets is not None else 1.0
     cfg = DistillConfig.model_validate(
         {
@@ -183,10 +164,51 @@ def run_blackbox(
         }
     )
     run_distill(cfg, resume=True)
+    return probe
+
+
+def run_blackbox(
+    out: Path,
+    *,
+    teacher: str,
+    student_init: Path,
+    control: Path,
+    settings: dict[str, Any],
+    console: Any,
+) -> BlackboxResult:
+    """Serve -> harvest -> distill -> evaluate -> audit; see the module docstring."""
+    from potstill.forensics.radioactivity import radioactivity_open
+    from potstill.harvest.dataset import load_chat_data
+    from potstill.harvest.export import store_examples
+    from potstill.harvest.prompts import default_prompts
+    from potstill.teachers import load_model
+    from potstill.watermark.keys import generate_key, load_key, write_key
+    from potstill.watermark.params import WatermarkParams
+
+    s = settings
+    timings: dict[str, float] = {}
+    out.mkdir(parents=True, exist_ok=True)
+    key_file = out / "watermark.key"
+    if not key_file.exists():  # a rerun keeps the key its harvest was marked with
+        write_key(key_file, generate_key())
+    key = load_key(key_file)
+    wm = WatermarkParams(
+        "kgw", gamma=s["gamma"], delta=s["delta"], context_width=s["context_width"]
+    )
+    prompts = default_prompts(s["train_prompts"] + s["heldout_prompts"], seed=0)
+    train_prompts, heldout_prompts = prompts[: s["train_prompts"]], prompts[s["train_prompts"] :]
+
+    t0 = time.perf_counter()
+    stats, health = _serve_and_harvest(
+        out, teacher, key, wm, (train_prompts, heldout_prompts), s, console
+    )
+    timings["serve_and_harvest_s"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    before, tok = load_model(str(student_init))
+    probe = _distill_from_harvest(out, student_init, tok, s)
     timings["distill_s"] = round(time.perf_counter() - t0, 1)
 
     t0 = time.perf_counter()
-    before, _ = load_model(str(student_init))
     after, _ = load_model(str(out / "student" / "student"))
     ctrl, _ = load_model(str(control))
     heldout = load_chat_data(
@@ -208,7 +230,7 @@ def run_blackbox(
         verdict_control=res_c.verdict(s["alpha"]),
         harvest={
             "topk_aligned": probe.stats.get("aligned"),
-            "objective": "SFT + top-k KD" if ce_weight < 1 else "SFT",
+            "objective": "SFT + top-k KD" if probe.targets is not None else "SFT",
             "train_records": len(texts),
             "max_batch_seen": health.get("max_batch_seen"),
             "completion_tokens_this_run": stats.completion_tokens,
