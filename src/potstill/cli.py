@@ -177,6 +177,7 @@ PLUGINS = (
     "potstill.harvest.cli",
     "potstill.watermark.cli",
     "potstill.defend.cli",
+    "potstill.defend.antidistill_cli",
 )
 
 

@@ -63,6 +63,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--context-width", type=int, default=2, help="previous tokens seeding the keyed hash"
     )
     s.add_argument(
+        "--antidistill",
+        default=None,
+        metavar="proxy=DIR,lambda=L,eps=E",
+        help="antidistillation sampling: DIR from `potstill defend fit-antidistill`; adds "
+        "lambda * delta to the logits before temperature (bias lambda*delta/T); 0 = off",
+    )
+    s.add_argument(
         "--metadata",
         default=None,
         help="write the serving settings (watermark scheme, params, key id) here; "
@@ -94,6 +101,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise PotstillError(f"--port must be in 0..65535, got {args.port}")
     if args.watermark_key_file and not args.watermark:
         raise PotstillError("--watermark-key-file needs --watermark kgw|gumbel")
+    antidistill = None
+    if args.antidistill:  # validate before the (slow) model load
+        from potstill.defend.antidistill_serve import parse_antidistill_arg
+
+        antidistill = parse_antidistill_arg(args.antidistill)
     import torch
     import uvicorn
 
@@ -121,6 +133,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     hooks = serve_hooks(args, api_keys)
     api_keys = tuple(dict.fromkeys([*api_keys, *hooks["monitor_admin_keys"]]))
     engine = Engine.from_spec(args.model, max_batch=args.max_batch, device=device, dtype=args.dtype)
+    extra: dict = {}
+    if antidistill is not None:  # antidistill first, the watermark last (see antidistill_serve)
+        from potstill.defend import antidistill_serve as ads
+
+        build, extra["antidistill"] = ads.antidistill_serving(
+            antidistill, engine.tokenizer, model_name=args.model, vocab_size=engine.vocab_size,
+            device=device,
+        )  # fmt: skip
+        processors = ads.compose_processor_builders(build, processors)
     settings = ServeSettings(
         api_keys=api_keys,
         rpm=args.rpm,
@@ -133,7 +154,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if meta_path:
         from potstill.serve.watermarking import write_serve_metadata
 
-        write_serve_metadata(meta_path, model=args.model, key=key, params=params)
+        write_serve_metadata(meta_path, model=args.model, key=key, params=params, extra=extra)
     app = create_app(engine, settings)
     auth = f"{len(settings.api_keys)} key(s)" if settings.api_keys else "no auth"
     print(f"serving {args.model} on http://{args.host}:{args.port}/v1 ({device}, {auth})")
