@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -199,3 +200,49 @@ def test_sample_batch_equals_per_row_sampling() -> None:
             for i in range(5)
         ]
         assert a == b
+
+
+def test_failed_merge_answers_every_row_and_keeps_serving(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure while merging new rows into a running batch answers both the running and
+    the joining requests with an error (none is left waiting), then the engine serves on."""
+    model, tok = load_model("tiny:0")
+    engine = Engine(model, tok, model_name="tiny:0", max_batch=4)
+    real_merge, calls = Engine._merge, []
+
+    def flaky_merge(self: Engine, *args: Any) -> None:
+        calls.append(1)
+        if len(calls) == 2:  # the second admission joins a running batch
+            raise RuntimeError("merge exploded")
+        real_merge(self, *args)
+
+    monkeypatch.setattr(Engine, "_merge", flaky_merge)
+    started = threading.Event()
+
+    def slow_first(ids: Any, logits: Any) -> Any:
+        started.set()
+        time.sleep(0.005)  # >= 2 s for 400 tokens: still running when the second one joins
+        return logits
+
+    engine.start()
+    try:
+        p = tok("hi").input_ids
+        events: list[list[Event]] = [[], []]
+        done = threading.Semaphore(0)
+
+        def sink_for(k: int) -> Any:
+            def sink(ev: Event) -> None:
+                events[k].append(ev)
+                if ev.finish_reason or ev.error:
+                    done.release()
+
+            return sink
+
+        engine.submit(p, SamplingParams(max_tokens=400, processors=(slow_first,)), [0], sink_for(0))
+        assert started.wait(30)
+        engine.submit(p, SamplingParams(max_tokens=4), [0], sink_for(1))
+        assert done.acquire(timeout=30) and done.acquire(timeout=30)
+        assert all(evs[-1].error and "merge exploded" in evs[-1].error for evs in events)
+        (ok,) = _run(engine, [p], [SamplingParams(max_tokens=3, temperature=0.0)])
+        assert ok[-1].finish_reason == "length" and engine.health()["worker_alive"]
+    finally:
+        engine.stop()

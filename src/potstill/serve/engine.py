@@ -326,7 +326,13 @@ class Engine:
         row_src = [r for r, row in zip(row_src, new_rows) if not row.done]
         new_rows = [row for row in new_rows if not row.done]
         if new_rows:
-            self._merge(cache, mask.to(dev), torch.tensor(row_src, device=dev), new_rows)
+            try:
+                self._merge(cache, mask.to(dev), torch.tensor(row_src, device=dev), new_rows)
+            except Exception as exc:
+                # The new rows are not in the batch yet, so the caller's failure path would
+                # never answer them; the running batch may be half-merged: the caller resets it.
+                self._fail_rows(new_rows, f"generation failed: {exc!r}")
+                raise
 
     def _new_row(self, group: RequestGroup, index: int) -> _Row:
         import torch
