@@ -5,7 +5,9 @@ key's traffic.
 
     .venv/bin/python benchmarks/monitor.py [--embedder auto|minilm|hash] [--windows-per-fraction 100]
 
-Writes benchmarks/results/monitor.json and benchmarks/results/monitor_tpr.png.
+Writes benchmarks/results/NAME.json and NAME_tpr.png (``--name``, default ``monitor``; the
+committed ``monitor.json`` uses the real all-MiniLM-L6-v2 encoder, ``monitor_hash.json`` the
+hashed n-gram fallback).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def main() -> None:
     ap.add_argument("--calibration-windows", type=int, default=1500)
     ap.add_argument("--benign-windows", type=int, default=500, help="fresh benign windows (FPR)")
     ap.add_argument("--windows-per-fraction", type=int, default=100)
+    ap.add_argument("--name", default="monitor", help="results/NAME.json and NAME_tpr.png")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -115,8 +118,8 @@ def main() -> None:
         },
     }
     OUT.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(OUT / "monitor.json", result)
-    plot(result, OUT / "monitor_tpr.png")
+    atomic_write_json(OUT / f"{args.name}.json", result)
+    plot(result, OUT / f"{args.name}_tpr.png")
     print({k: result[k] for k in ("embedder", "benign_fpr", "tpr_at_50pct", "tpr_by_fraction")})
     print(result["timings_s"])
 

@@ -16,7 +16,7 @@ p < 1e-5 with 5% of the student's training text watermarked, open model). Writes
    over ``--null-keys`` random keys (many more tests).
 2. radioactivity at CPU scale: SmolLM2's 49k vocab makes a from-scratch student far too slow
    to train on 2 cores, so the teacher here is ``tiny:0`` (random init, byte tokenizer,
-   sampling restricted to printable bytes: high-entropy text whose 2-token windows repeat,
+   sampling restricted to 16 printable bytes: high-entropy text whose 2-token windows repeat,
    so a student can learn per-window green preferences). It answers N prompts watermarked
    and, with another seed, unwatermarked; the training set of the student for fraction rho
    takes the watermarked answer for round(rho N) random prompts and the clean one for the
@@ -59,11 +59,13 @@ from potstill.watermark import KGWProcessor, WatermarkKey, WatermarkParams, dete
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 PRINTABLE = list(range(32, 127))  # tiny tokenizer: byte b is token id b
-# The tiny teacher writes over 32 symbols ("0".."O"): 1024 two-token windows, each seen often
-# enough in a CPU-sized corpus for a student to learn its (green-biased) continuations.
-ALPHABET = list(range(48, 80))
+# The tiny teacher writes over 16 symbols ("0".."?"): 256 two-token windows, each seen ~150
+# times in the 40k-token training set, so a CPU-sized student learns its (green-biased)
+# continuations. With 32 symbols (1024 windows) a 2x64 student stayed near uniform (final CE
+# 3.26 nats against ln 32 = 3.47) and the 100%-watermarked student was not detected (p = 0.46).
+ALPHABET = list(range(48, 64))
 PAPER_RHO = 0.05  # Sander et al.: p < 1e-5 at 5% watermarked training text (open model)
-RHOS = (0.0, 0.01, 0.05, 0.10, 1.0)
+RHOS = (0.0, 0.01, 0.05, 0.10, 0.5, 1.0)
 
 # The owner's key (fixed, so the run is reproducible; a real owner keeps it secret).
 KEY = WatermarkKey(b"potstill-radioactivity-benchmark-key!")
@@ -96,11 +98,14 @@ def settings_for(quick: bool) -> dict[str, Any]:
         "closed_tokens": 160,
         "closed_temperature": 0.7,
         "student_layers": 2,
-        "student_width": 64,
-        "student_steps": 150,
+        "student_width": 128,
+        "student_steps": 600,
         "student_batch": 16,
-        "student_lr": 1e-2,
+        "student_lr": 3e-3,
         "null_keys": 200,
+        # torch threads: 1 keeps a shared 2-core machine from thrashing (OpenMP spin-waits
+        # made a 2-thread student 17x slower next to another torch job)
+        "threads": 1,
         "null_smollm_texts": 40,
         "quote_tokens": 100,
     }
@@ -299,6 +304,7 @@ def train_student(s: dict[str, Any], corpus: dict[str, Any], rho: float, work: P
             "optim": {"lr": s["student_lr"], "warmup_steps": 10, "weight_decay": 0.0},
             "data": {"train": f"messages:{path}", "eval": None, "seq_len": 320},
             "train": {"steps": s["student_steps"], "micro_batch_size": s["student_batch"],
+                      "threads": s["threads"],
                       "save_every": 0, "eval_every": 0, "log_every": 10, "seed": 0},
         }
     )  # fmt: skip
@@ -567,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     params = WatermarkParams(
         "kgw", gamma=s["gamma"], delta=s["delta"], context_width=s["context_width"]
     )
+    torch.set_num_threads(s["threads"])
     t0 = time.perf_counter()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="potstill-radio-") as tmp:
