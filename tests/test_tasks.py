@@ -152,3 +152,16 @@ def test_bad_arguments_and_accuracy() -> None:
         accuracy(ex, outs[:2])
     with pytest.raises(ValueError, match="empty"):
         accuracy([], [])
+
+
+def test_task_import_is_light_and_evaluate_exports_resolve() -> None:
+    import subprocess
+    import sys
+
+    import potstill.evaluate as evaluate
+
+    code = "import sys, potstill.evaluate.tasks; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False"]
+    assert sorted(evaluate.__all__) == sorted(evaluate._EXPORTS)
+    assert all(callable(getattr(evaluate, name)) for name in evaluate.__all__)
