@@ -451,6 +451,22 @@ def part3_null(
     return res, pvals
 
 
+def ablation_texts(s: dict[str, Any], corpus: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """(watermarked prompts, clean answers): the tiny teacher over the printable bytes, the
+    held-out prompts answered once watermarked and once (another seed) clean."""
+    teacher, tok = corpus["teacher"], corpus["tok"]
+    used = s["radio_train_texts"] + s["radio_heldout_texts"] + s["radio_closed_prompts"]
+    asks = radio_prompts(used + s["radio_heldout_texts"])[used:]  # prompts no other part uses
+    proc = KGWProcessor(KEY, gamma=s["gamma"], delta=s["delta"], context_width=s["context_width"])
+    allow = AllowOnly(PRINTABLE)
+    n = len(asks)
+    rows = generate(teacher, tok, asks + asks, s["radio_answer_tokens"], processors=[allow],
+                    seed=7, temperature=s["radio_temperature"], marked=[True] * n + [False] * n,
+                    watermark=proc)  # fmt: skip
+    texts = [tok.decode(r) for r in rows]
+    return texts[:n], texts[n:]
+
+
 def part4_ablation(
     s: dict[str, Any], params: WatermarkParams, keep: dict[str, Any]
 ) -> dict[str, Any]:
@@ -464,10 +480,13 @@ def part4_ablation(
         calibration(null_pvalues(tup, params, n_keys, dedup=False)),
         calibration(null_pvalues(tup, params, n_keys)),
     )
-    # prompt windows: audit prompts are watermarked texts, the control's answers quote them.
+    # prompt windows: the audit prompts are watermarked texts and a clean model's answers quote
+    # them. Over the 16-symbol corpus alphabet a few prompts hold every one of the 256 windows
+    # (excluding them leaves nothing), so this part uses the tiny teacher's text over all 95
+    # printable bytes (9,025 windows): watermarked prompts, clean answers that quote them.
     q = s["quote_tokens"]
-    prompts = corpus["wm_heldout"]
-    answers = [p[:q] + g for p, g in zip(prompts, ctl["_closed_texts"])]
+    prompts, clean = ablation_texts(s, corpus)
+    answers = [p[:q] + g for p, g in zip(prompts, clean)]
     kw = {"prompts": prompts}
     no_ex = radioactivity_closed(answers, tok, KEY, params, exclude_prompt_windows=False, **kw)
     ex = radioactivity_closed(answers, tok, KEY, params, **kw)

@@ -24,9 +24,11 @@ from potstill.defend.antidistill import (  # noqa: E402
     GRAD_FILE,
     META_FILE,
     AntidistillPerturbation,
+    delta_sigma,
     fit_antidistill_grad,
     load_antidistill,
     save_antidistill,
+    suggested_eps,
     trainable_parameters,
 )
 from potstill.defend.antidistill_serve import (  # noqa: E402
@@ -345,7 +347,10 @@ def test_fit_cli_bad_input(
     [
         ("proxy={d},lambda=-1,eps=1e-3", "lambda must be >= 0"),
         ("proxy={d},lambda=1,eps=0", "eps must be > 0"),
-        ("proxy={d},lambda=1", "lacks eps"),
+        ("proxy={d},lambda=1,bias=1", "exactly one of lambda= and bias="),
+        ("proxy={d},eps=1e-3", "exactly one of lambda= and bias="),
+        ("lambda=1", "lacks proxy"),
+        ("proxy={d},bias=-1", "bias must be >= 0"),
         ("proxy={d},lambda=1,eps=1e-3,temp=2", "unknown --antidistill field 'temp'"),
         ("proxy={d},lambda=x,eps=1e-3", "not a number"),
         ("proxy=/no/such/dir,lambda=1,eps=1e-3", "not a fit-antidistill output"),
@@ -408,6 +413,61 @@ def test_serving_rejects_another_tokenizer(fit_dir: Path) -> None:
         antidistill_serving(AntidistillSpec(fit_dir, 1.0, 0.01), other, vocab_size=4)
     spec = parse_antidistill_arg(f"proxy={fit_dir},lambda=1,eps=1e-2")
     assert (spec.lam, spec.eps) == (1.0, 0.01)
+
+
+def test_bias_is_in_units_of_the_fits_delta_spread(fit_dir: Path) -> None:
+    """``bias=B`` serves lambda = B / delta_sigma with the fit's suggested eps (both recorded
+    by fit-antidistill); ``lambda=`` and ``eps=`` given explicitly win."""
+    meta = json.loads((fit_dir / META_FILE).read_text())
+    assert meta["suggested_eps"] * meta["grad_norm"] == pytest.approx(1e-2)
+    assert meta["delta_sigma"] > 0 and meta["delta_sigma_sequences"] >= 1
+    tok = load_model(PROXY)[1]
+    _, rec = antidistill_serving(
+        parse_antidistill_arg(f"proxy={fit_dir},bias=0.5"), tok, vocab_size=REAL_VOCAB
+    )
+    assert rec["lambda"] == pytest.approx(0.5 / meta["delta_sigma"])
+    assert rec["eps"] == meta["suggested_eps"] and rec["bias"] == 0.5
+    _, rec = antidistill_serving(
+        parse_antidistill_arg(f"proxy={fit_dir},lambda=2,eps=0.1"), tok, vocab_size=REAL_VOCAB
+    )
+    assert (rec["lambda"], rec["eps"], rec["bias"]) == (2.0, 0.1, None)
+    old = {k: v for k, v in meta.items() if k not in ("suggested_eps", "delta_sigma")}
+    with pytest.raises(PotstillError, match="pass eps=E or refit"):
+        AntidistillSpec(fit_dir, None, None, 0.5).resolve(old)
+    with pytest.raises(PotstillError, match="pass lambda=L or refit"):
+        AntidistillSpec(fit_dir, None, 0.1, 0.5).resolve(old)
+
+
+def test_delta_sigma_matches_the_exact_directional_derivative(
+    proxy: Any, grads: dict[str, Any]
+) -> None:
+    """delta_sigma (finite differences at the suggested eps) equals the same spread computed
+    from forward-mode AD: RMS over scored positions of std over the proxy's top-k tokens of
+    <d logits / d theta, g>; and it is linear in g."""
+    from torch.func import functional_call, jvp
+
+    ids, labels = _random_batch(5, rows=3, width=12)
+    norm = math.sqrt(sum(float(g.pow(2).sum()) for g in grads.values()))
+    eps = suggested_eps(norm)
+    assert eps * norm == pytest.approx(1e-2)
+    with pytest.raises(PotstillError, match="zero or not finite"):
+        suggested_eps(0.0)
+    got = delta_sigma(AntidistillPerturbation(proxy, grads, eps), [(ids, labels)], top_k=16)
+    ref_model = copy.deepcopy(proxy)
+    ref_model.set_attn_implementation("eager")
+    params = {n: p.detach() for n, p in trainable_parameters(ref_model).items()}
+    logits, exact = jvp(
+        lambda pr: functional_call(ref_model, pr, (ids,)).logits,
+        (params,),
+        ({n: grads[n] for n in params},),
+    )
+    scored = labels != -100
+    top = logits[scored].topk(16, dim=-1).indices
+    want = float(exact[scored].gather(-1, top).std(dim=-1).pow(2).mean().sqrt())
+    assert got == pytest.approx(want, rel=1e-2)
+    doubled = {n: 2 * g for n, g in grads.items()}
+    got2 = delta_sigma(AntidistillPerturbation(proxy, doubled, eps / 2), [(ids, labels)], top_k=16)
+    assert got2 == pytest.approx(2 * got, rel=1e-2)
 
 
 # ----------------------------------------------------------------------------- the server

@@ -42,14 +42,17 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
 __all__ = [
+    "DEFAULT_STEP_NORM",
     "GRAD_FILE",
     "META_FILE",
     "AntidistillFit",
     "AntidistillPerturbation",
     "check_grads",
+    "delta_sigma",
     "fit_antidistill_grad",
     "load_antidistill",
     "save_antidistill",
+    "suggested_eps",
     "trainable_parameters",
 ]
 
@@ -378,3 +381,53 @@ class AntidistillPerturbation:
         if vocab_size is not None:
             delta = delta[:, :vocab_size]
         return delta, past
+
+
+# ----------------------------------------------------------------------------- scale
+# A raw lambda means nothing until delta's size is known: |delta| grows with |g| and differs
+# by orders of magnitude between proxies (51 vs 13 for two tiny proxies of one benchmark).
+# fit-antidistill therefore records a finite-difference step of fixed parameter-space length
+# and delta's typical spread, so `serve --antidistill bias=B` can mean "B nats of logit shift".
+DEFAULT_STEP_NORM = 1e-2  # eps * |g|: the L2 length of the finite-difference parameter move
+
+
+def suggested_eps(grad_norm: float, step_norm: float = DEFAULT_STEP_NORM) -> float:
+    """``eps`` whose parameter move ``eps * g`` has L2 norm ``step_norm``."""
+    if not (grad_norm > 0 and math.isfinite(grad_norm)):
+        raise PotstillError(f"|g| = {grad_norm}: the proxy gradient is zero or not finite; refit")
+    return step_norm / grad_norm
+
+
+def delta_sigma(
+    pert: AntidistillPerturbation,
+    batches: Iterable[tuple[Tensor, Tensor]],
+    *,
+    top_k: int = 64,
+) -> float:
+    """Typical spread of ``delta`` (logit units per unit lambda): the RMS over scored positions
+    of delta's standard deviation across the proxy's ``top_k`` most likely next tokens (the
+    candidates sampling actually chooses among; the long tail of the vocabulary would dominate
+    a full-vocabulary spread and say nothing about sampling).
+
+    ``batches`` yields ``(input_ids [B, T], labels [B, T])`` as for
+    :func:`fit_antidistill_grad` (right padding, ``labels != -100`` marks scored positions).
+    """
+    import torch
+
+    total, n = 0.0, 0
+    with torch.inference_mode():
+        for ids, labels in batches:
+            ids = ids.to(pert.device)
+            scored = (labels != -100).to(pert.device)
+            if not bool(scored.any()):
+                continue
+            plus = pert.plus(input_ids=ids, use_cache=False).logits.float()
+            minus = pert.minus(input_ids=ids, use_cache=False).logits.float()
+            delta = ((plus - minus) / (2.0 * pert.eps))[scored]  # [N, V]
+            mid = ((plus + minus) / 2)[scored]  # ~ the proxy's own logits
+            top = mid.topk(min(top_k, mid.shape[-1]), dim=-1).indices
+            total += float(delta.gather(-1, top).std(dim=-1).pow(2).sum())
+            n += int(scored.sum())
+    if n == 0:
+        raise PotstillError("no scored tokens to measure delta's spread on: pass more data")
+    return math.sqrt(total / n)

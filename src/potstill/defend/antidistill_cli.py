@@ -132,7 +132,13 @@ def cmd_fit_antidistill(args: argparse.Namespace) -> int:
         raise PotstillError(f"--out {out} is a file: pass a directory")
     import torch
 
-    from potstill.defend.antidistill import fit_antidistill_grad, save_antidistill
+    from potstill.defend.antidistill import (
+        AntidistillPerturbation,
+        delta_sigma,
+        fit_antidistill_grad,
+        save_antidistill,
+        suggested_eps,
+    )
     from potstill.teachers import load_model
     from potstill.teachers.base import tokenizer_fingerprint
 
@@ -149,6 +155,13 @@ def cmd_fit_antidistill(args: argparse.Namespace) -> int:
     with _progress(int((labels != -100).sum())) as bar:
         task = bar.add_task("fit", total=int((labels != -100).sum()))
         grads, stats = fit_antidistill_grad(proxy, batches, on_batch=lambda n: bar.advance(task, n))
+    # The scale of delta, so that `serve --antidistill bias=B` means a logit shift of B nats:
+    # measured on the first 32 sequences, two at a time (full-vocabulary logits are large).
+    eps = suggested_eps(stats["grad_norm"])
+    pert = AntidistillPerturbation(proxy, grads, eps, device=device)
+    n_seq = min(32, ids.shape[0])
+    sigma = delta_sigma(pert, ((ids[i : i + 2], labels[i : i + 2]) for i in range(0, n_seq, 2)))
+    del pert
     meta = {
         "proxy": _canonical_spec(args.proxy),
         "tokenizer_fingerprint": tokenizer_fingerprint(tok),
@@ -158,11 +171,15 @@ def cmd_fit_antidistill(args: argparse.Namespace) -> int:
         "max_tokens": args.max_tokens,
         "seed": args.seed,
         **stats,
+        "suggested_eps": eps,
+        "delta_sigma": sigma,
+        "delta_sigma_sequences": n_seq,
     }
     save_antidistill(out, grads, meta)
     print(
         f"wrote {out}: {stats['n_tokens']} tokens, proxy loss {stats['loss']:.4f} nats/token, "
-        f"|g| = {stats['grad_norm']:.4g}",
+        f"|g| = {stats['grad_norm']:.4g}; suggested eps {eps:.3g}, delta spread {sigma:.4g} "
+        f"(serve --antidistill proxy={out},bias=B: lambda = B / {sigma:.4g})",
         file=sys.stdout,
     )
     return 0

@@ -203,20 +203,47 @@ def compose_processor_builders(*builders: Builder | None) -> Builder | None:
 # ----------------------------------------------------------------------------- serve flag
 @dataclass(frozen=True)
 class AntidistillSpec:
-    """A parsed ``--antidistill proxy=DIR,lambda=L,eps=E``."""
+    """A parsed ``--antidistill proxy=DIR,lambda=L|bias=B[,eps=E]``: exactly one of ``lam``
+    and ``bias`` is set; ``eps`` None = the fit's suggested step (see :meth:`resolve`)."""
 
     proxy_dir: Path
-    lam: float
-    eps: float
+    lam: float | None
+    eps: float | None
+    bias: float | None = None
+
+    def resolve(self, meta: dict[str, Any]) -> tuple[float, float]:
+        """``(lam, eps)`` given the fit's metadata: ``bias`` is in units of the fit's
+        ``delta_sigma`` (lam = bias / delta_sigma, i.e. a typical logit shift of ``bias``
+        nats), and a missing ``eps`` is the fit's ``suggested_eps``."""
+        eps = self.eps if self.eps is not None else meta.get("suggested_eps")
+        if eps is None:
+            raise PotstillError(
+                f"--antidistill proxy={self.proxy_dir} records no suggested eps (an older fit): "
+                "pass eps=E or refit with `potstill defend fit-antidistill`"
+            )
+        if self.lam is not None:
+            return self.lam, float(eps)
+        sigma = meta.get("delta_sigma")
+        if not sigma or not math.isfinite(sigma):
+            raise PotstillError(
+                f"--antidistill bias= needs the fit's delta_sigma, which {self.proxy_dir} lacks: "
+                "pass lambda=L or refit with `potstill defend fit-antidistill`"
+            )
+        assert self.bias is not None
+        return self.bias / float(sigma), float(eps)
 
 
-_FLAG_FORM = "--antidistill proxy=DIR,lambda=L,eps=E (e.g. proxy=runs/ad,lambda=1,eps=1e-3)"
+_FLAG_FORM = (
+    "--antidistill proxy=DIR,bias=B or proxy=DIR,lambda=L[,eps=E] "
+    "(e.g. proxy=runs/ad,bias=0.5: a typical logit shift of 0.5 nats)"
+)
 
 
 def parse_antidistill_arg(text: str) -> AntidistillSpec:
-    """Parse and check ``proxy=DIR,lambda=L,eps=E``; PotstillError naming the fix.
+    """Parse and check ``proxy=DIR,lambda=L|bias=B[,eps=E]``; PotstillError naming the fix.
 
-    ``DIR`` must be a ``potstill defend fit-antidistill`` output; ``lambda >= 0``, ``eps > 0``.
+    ``DIR`` must be a ``potstill defend fit-antidistill`` output; ``lambda``/``bias >= 0``,
+    ``eps > 0``.
     """
     from potstill.defend.antidistill import GRAD_FILE, META_FILE
 
@@ -226,16 +253,19 @@ def parse_antidistill_arg(text: str) -> AntidistillSpec:
         name = name.strip()
         if not eq or not name or not value.strip():
             raise PotstillError(f"bad --antidistill item {part!r}: use {_FLAG_FORM}")
-        if name not in ("proxy", "lambda", "eps"):
+        if name not in ("proxy", "lambda", "bias", "eps"):
             raise PotstillError(f"unknown --antidistill field {name!r}: use {_FLAG_FORM}")
         if name in fields:
             raise PotstillError(f"--antidistill field {name!r} given twice: use {_FLAG_FORM}")
         fields[name] = value.strip()
-    missing = [k for k in ("proxy", "lambda", "eps") if k not in fields]
-    if missing:
-        raise PotstillError(f"--antidistill lacks {', '.join(missing)}: use {_FLAG_FORM}")
-    nums = {}
-    for k in ("lambda", "eps"):
+    if "proxy" not in fields:
+        raise PotstillError(f"--antidistill lacks proxy: use {_FLAG_FORM}")
+    if ("lambda" in fields) == ("bias" in fields):
+        raise PotstillError(
+            f"--antidistill needs exactly one of lambda= and bias=: use {_FLAG_FORM}"
+        )
+    nums: dict[str, float] = {}
+    for k in [k for k in ("lambda", "bias", "eps") if k in fields]:
         try:
             nums[k] = float(fields[k])
         except ValueError:
@@ -244,9 +274,10 @@ def parse_antidistill_arg(text: str) -> AntidistillSpec:
             ) from None
         if not math.isfinite(nums[k]):
             raise PotstillError(f"--antidistill {k} must be finite, got {fields[k]}")
-    if nums["lambda"] < 0:
-        raise PotstillError(f"--antidistill lambda must be >= 0, got {fields['lambda']} (0 = off)")
-    if nums["eps"] <= 0:
+    for k in ("lambda", "bias"):
+        if nums.get(k, 0.0) < 0:
+            raise PotstillError(f"--antidistill {k} must be >= 0, got {fields[k]} (0 = off)")
+    if nums.get("eps", 1.0) <= 0:
         raise PotstillError(f"--antidistill eps must be > 0, got {fields['eps']} (e.g. eps=1e-3)")
     d = Path(fields["proxy"]).expanduser()
     if not (d / META_FILE).is_file() or not (d / GRAD_FILE).is_file():
@@ -254,7 +285,7 @@ def parse_antidistill_arg(text: str) -> AntidistillSpec:
             f"--antidistill proxy={fields['proxy']} is not a fit-antidistill output (no {META_FILE} "
             f"or {GRAD_FILE}): make it with `potstill defend fit-antidistill --out {fields['proxy']}`"
         )
-    return AntidistillSpec(d, nums["lambda"], nums["eps"])
+    return AntidistillSpec(d, nums.get("lambda"), nums.get("eps"), nums.get("bias"))
 
 
 def antidistill_serving(
@@ -276,8 +307,9 @@ def antidistill_serving(
     from potstill.teachers.base import check_tokenizers_agree, tokenizer_fingerprint
 
     fit = load_antidistill(spec.proxy_dir)
+    lam, eps = spec.resolve(fit.meta)
     proxy = None
-    if spec.lam != 0:
+    if lam != 0:
         proxy, proxy_tok = load_model(fit.proxy_spec)
         if tokenizer_fingerprint(proxy_tok) != fit.tokenizer_fingerprint:
             raise PotstillError(
@@ -294,7 +326,7 @@ def antidistill_serving(
     check_tokenizers_agree(
         tokenizer, proxy_tok, teacher_name=model_name, student_name=f"proxy {fit.proxy_spec}"
     )
-    build = antidistill_processors(fit, spec.lam, spec.eps, device, proxy=proxy)
+    build = antidistill_processors(fit, lam, eps, device, proxy=proxy)
     if proxy is not None:
         width = build({})[0].perturbation.vocab_size  # type: ignore[attr-defined]
         if width < vocab_size:
@@ -305,8 +337,10 @@ def antidistill_serving(
     meta = {
         "proxy": fit.proxy_spec,
         "proxy_dir": str(spec.proxy_dir),
-        "lambda": spec.lam,
-        "eps": spec.eps,
+        "lambda": lam,
+        "eps": eps,
+        "bias": spec.bias,
+        "delta_sigma": fit.meta.get("delta_sigma"),
         "grad_sha256": fit.grad_sha256,
         "grad_norm": fit.grad_norm,
     }
