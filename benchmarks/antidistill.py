@@ -678,7 +678,11 @@ def plot_tradeoff(res: dict[str, Any], path: Path) -> None:
         for ax, xkey in zip(axes, ("teacher_task_acc", "teacher_ref_nll")):
             xs = [p[xkey] for p in curve]
             ys = [p["student_gain_kept_fraction"] for p in curve]
-            ax.plot(xs, ys, "o-", color=color, label=method)
+            ref_gain = res["baseline"]["undefended_gain"]
+            err = [p.get("student_task_acc_se", 0.0) / ref_gain if ref_gain > 0 else 0.0
+                   for p in curve]  # fmt: skip
+            ax.errorbar(xs, ys, yerr=err, fmt="o-", color=color, capsize=3,
+                        label=f"{method} (± 1 s.e. over paired replicates)")  # fmt: skip
             for p, x, y in zip(curve, xs, ys):
                 ax.annotate(fmt.format(p["setting"][key]), (x, y), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")  # fmt: skip
