@@ -398,6 +398,8 @@ def test_serve_cli_composes_and_records_metadata(
         "eps": 0.01,
         "grad_sha256": fit_meta["grad_sha256"],
         "grad_norm": fit_meta["grad_norm"],
+        "bias": None,
+        "delta_sigma": fit_meta["delta_sigma"],
     }
     assert meta["watermark"]["key_id"] == KEY.key_id
 
