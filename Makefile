@@ -33,7 +33,8 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy src/potstill/losses
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy src/potstill/losses src/potstill/watermark src/potstill/forensics
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
