@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -29,3 +32,15 @@ def tiny_overrides(out_dir: Path, **extra: object) -> list[str]:
     """Overrides that make configs/tiny.yaml fast and self-contained for one test."""
     items = {"out_dir": str(out_dir), "train.threads": 1, **extra}
     return [f"{k}={v}" for k, v in items.items()]
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """Import ``benchmarks/NAME.py`` as a module (benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(
+        f"{name}_bench", REPO / "benchmarks" / f"{name}.py"
+    )
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod

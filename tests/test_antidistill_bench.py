@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -20,20 +18,14 @@ from potstill.defend.antidistill import (  # noqa: E402
 )
 from potstill.teachers import load_model  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import load_benchmark  # noqa: E402
+
 PROMPTS = ["7+8", "47+38", "123+456", "9+99"]  # different lengths: left padding is exercised
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "antidistill_bench", REPO / "benchmarks" / "antidistill.py"
-    )
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("antidistill")
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -15,19 +12,12 @@ from scipy import stats
 
 from potstill.watermark import KGWProcessor, WatermarkParams, detect_text
 
-REPO = Path(__file__).resolve().parents[1]
+from .conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "radioactivity_bench", REPO / "benchmarks" / "radioactivity.py"
-    )
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("radioactivity")
 
 
 @pytest.fixture(autouse=True, scope="module")

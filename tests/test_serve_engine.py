@@ -101,11 +101,9 @@ def test_keyring_and_buckets() -> None:
     rl.acquire("b", 600)
 
 
-def _run(
-    engine: Engine, prompts: list[list[int]], params: list[SamplingParams]
-) -> list[list[Event]]:
-    """Submit all at once; wait for every choice; events per prompt."""
-    events: list[list[Event]] = [[] for _ in prompts]
+def _sinks(n: int) -> tuple[list[list[Event]], threading.Semaphore, Any]:
+    """(events per request, a semaphore released once per finished choice, sink factory)."""
+    events: list[list[Event]] = [[] for _ in range(n)]
     done = threading.Semaphore(0)
 
     def sink_for(k: int) -> Any:
@@ -116,6 +114,14 @@ def _run(
 
         return sink
 
+    return events, done, sink_for
+
+
+def _run(
+    engine: Engine, prompts: list[list[int]], params: list[SamplingParams]
+) -> list[list[Event]]:
+    """Submit all at once; wait for every choice; events per prompt."""
+    events, done, sink_for = _sinks(len(prompts))
     for k, (p, sp) in enumerate(zip(prompts, params)):
         engine.submit(p, sp, [0], sink_for(k))
     for _ in prompts:
@@ -226,17 +232,7 @@ def test_failed_merge_answers_every_row_and_keeps_serving(monkeypatch: pytest.Mo
     engine.start()
     try:
         p = tok("hi").input_ids
-        events: list[list[Event]] = [[], []]
-        done = threading.Semaphore(0)
-
-        def sink_for(k: int) -> Any:
-            def sink(ev: Event) -> None:
-                events[k].append(ev)
-                if ev.finish_reason or ev.error:
-                    done.release()
-
-            return sink
-
+        events, done, sink_for = _sinks(2)
         engine.submit(p, SamplingParams(max_tokens=400, processors=(slow_first,)), [0], sink_for(0))
         assert started.wait(30)
         engine.submit(p, SamplingParams(max_tokens=4), [0], sink_for(1))
