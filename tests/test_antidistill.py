@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +52,7 @@ REAL_VOCAB = 260  # tiny tokenizer; the tiny models' heads are padded to 320
 KEY = WatermarkKey(bytes(range(32)))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread() -> Iterator[None]:
-    # The tiny models are latency-bound: one thread is faster and leaves the other core free.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _random_batch(seed: int, rows: int = 6, width: int = 16) -> tuple[Any, Any]:

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import math
 from types import ModuleType
-from typing import Any
 
 import pytest
-import torch
 from scipy import stats
 
 from potstill.watermark import KGWProcessor, WatermarkParams, detect_text
@@ -20,12 +18,7 @@ def bench() -> ModuleType:
     return load_benchmark("radioactivity")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def test_batched_generator_watermarks_only_marked_rows(bench: ModuleType) -> None:
