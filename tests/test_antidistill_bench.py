@@ -200,9 +200,7 @@ def test_microscopic_end_to_end_writes_the_schema(bench: ModuleType, tmp_path: P
     c = res["cost"]
     for key in ("batched_ratio", "engine_ratio"):
         assert math.isfinite(c[key]) and c[key] > 0
-    assert (
-        c["batched_ratio"]
-        == c["batched_loop"]["s_per_token_antidistill"] / c["batched_loop"]["s_per_token_plain"]
-    )
+    # Two extra (proxy) forward passes per token cannot make sampling cheaper than plain.
+    assert c["batched_ratio"] > 1.0 and c["engine_ratio"] > 1.0, c
     assert isinstance(res["verdict"], str) and res["verdict"]
     assert res["settings"]["n_distill"] == 16 and res["total_seconds"] > 0

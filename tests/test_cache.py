@@ -225,6 +225,24 @@ def test_distill_from_cache_trains(cache_dir: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "bad").exists()
 
 
+def test_temperature_on_sparse_targets_is_refused(
+    cache_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Top-k targets are at T=1 and their tail cannot be tempered: T=2 is exit 2, one line,
+    nothing written. The same T=2 with the online teacher (full logits) is a valid run."""
+    from potstill.cli import main
+
+    items = {"data.train": DATA, "train.steps": 2, "loss.ce_weight": 0.5, "loss.temperature": 2.0}
+    argv = ["distill", "--config", str(TINY), "--no-progress"]
+    sparse = tiny_overrides(tmp_path / "sparse", **items, **{"teacher.spec": f"cache:{cache_dir}"})
+    assert main([*argv, *sparse]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "loss.temperature=2.0" in err[0] and "loss.temperature=1.0" in err[0]
+    assert not (tmp_path / "sparse").exists()
+    online = tiny_overrides(tmp_path / "online", **items, **{"teacher.spec": TEACHER})
+    assert main([*argv, *online]) == 0
+
+
 def test_full_vocab_cache_equals_online_forward_kl(tmp_path: Path) -> None:
     # k = V with lossless values: the sparse KD is the full forward KL, so the first steps of a
     # cached run log the online run's losses (the teacher pass is batched differently: fp32 noise).

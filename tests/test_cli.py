@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -192,17 +193,16 @@ def test_console_script_end_to_end(tmp_path: Path) -> None:
 
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
-    """A real crash: SIGKILL the process mid-run, then `--resume` finishes it bit-identically."""
+    """A real crash: SIGKILL right after the step-6 checkpoint, then `--resume` finishes the run
+    bit-identically. The kill is a fault point (``potstill.faults``) inside the child, so it lands
+    at that moment every time: no polling, no race with the run finishing."""
     import signal
-    import time
 
     import torch
     from safetensors.torch import load_file
 
     exe = str(Path(sys.executable).with_name("potstill"))
-    # Enough steps after the step-6 checkpoint that a busy machine cannot finish the run
-    # between the poll that sees the checkpoint and the kill (a suspect for a one-off flake).
-    extra = {"train.steps": 40, "train.save_every": 3, "train.eval_every": 0}
+    extra = {"train.steps": 12, "train.save_every": 3, "train.eval_every": 0}
     full = subprocess.run(
         [
             exe,
@@ -218,15 +218,30 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
     assert full.returncode == 0, full.stderr
     cut = tmp_path / "cut"
     args = [exe, "distill", "--config", TINY, "--no-progress", *tiny_overrides(cut, **extra)]
-    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (cut / "checkpoints" / "step_000006").exists() and time.time() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (cut / "student").exists(), "the run finished before it could be killed"
+    env = {**os.environ, "POTSTILL_FAULT": "train.after_checkpoint:2"}  # the step-6 checkpoint
+    killed = subprocess.run(args, capture_output=True, timeout=300, env=env)
+    assert killed.returncode == -signal.SIGKILL
+    steps = sorted(p.name for p in (cut / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert steps[-1] == "step_000006" and not (cut / "student").exists()
     again = subprocess.run([*args, "--resume"], capture_output=True, timeout=300)
     assert again.returncode == 0, again.stderr
     a = load_file(str(tmp_path / "full" / "student" / "model.safetensors"))
     b = load_file(str(cut / "student" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_missing_extra_names_the_extra(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without pyarrow (the [cache] extra), a parquet export is exit 2 with the install line."""
+    from potstill.harvest import store as st
+
+    db = tmp_path / "h.sqlite"
+    st.connect(db).close()
+    for name in ("pyarrow", "pyarrow.parquet"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import pyarrow` now fails
+    code, _, err = run_cli(
+        capsys, "harvest", "export", "--store", str(db), "--out", str(tmp_path / "x.parquet")
+    )
+    assert_clean_failure(code, err, "pip install 'potstill[cache]'")
+    assert not (tmp_path / "x.parquet").exists()

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -162,27 +163,32 @@ def _count(db: Path) -> int:
         conn.close()
 
 
-def test_sigkill_at_random_moments_leaves_every_prompt_answered_once(tmp_path: Path) -> None:
+# Where each of the four runs dies: inside a transaction before COMMIT (its rows must vanish
+# whole) or right after a commit (its rows must stay), at different depths into the run.
+KILLS = [
+    ("harvest.after_commit", 4),
+    ("store.before_commit", 3),
+    ("harvest.after_commit", 11),
+    ("store.before_commit", 1),
+]
+
+
+def test_sigkill_at_chosen_moments_leaves_every_prompt_answered_once(tmp_path: Path) -> None:
     prompts, db = tmp_path / "p.jsonl", tmp_path / "h.sqlite"
     assert main(["harvest", "prompts", "--out", str(prompts), "--n", "200"]) == 0
-    rng = random.Random(1234)
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     seen_counts = [0]
     with FakeOpenAI(latency_s=0.02) as fake:
         cmd = _harvest_cmd(fake.url, prompts, db)
-        for _ in range(4):
-            # kill once a random share of the remaining work is done, plus a random extra
-            # delay, so the kill lands anywhere in the request/commit cycle
-            target = seen_counts[-1] + rng.randint(5, (400 - seen_counts[-1]) // 3)
-            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            deadline = time.monotonic() + 30
-            while _count(db) < target and time.monotonic() < deadline:
-                time.sleep(0.002)
-            time.sleep(rng.uniform(0.0, 0.03))
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-            assert proc.returncode == -signal.SIGKILL  # killed mid-run, not finished
+        for point, nth in KILLS:
+            run_env = {**env, "POTSTILL_FAULT": f"{point}:{nth}"}
+            proc = subprocess.run(cmd, env=run_env, capture_output=True, text=True, timeout=120)
+            assert proc.returncode == -signal.SIGKILL, proc.stderr  # died at the fault point
+            # the dead run's lock file is left behind, naming it: it must not block the rerun
+            assert (tmp_path / "h.sqlite.lock").read_text().strip().isdigit()
             seen_counts.append(_count(db))
+            if (point, nth) == ("store.before_commit", 1):  # died in its first transaction
+                assert seen_counts[-1] == seen_counts[-2]  # which left no row behind
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
     assert seen_counts == sorted(seen_counts) and 0 < seen_counts[-1] < 400  # kills hit mid-run
@@ -218,3 +224,79 @@ def _write_prompts(tmp_path: Path) -> Path:
     f = tmp_path / "p.txt"
     f.write_text("say hi\nsay bye\ncount to three\n")
     return f
+
+
+# ------------------------------------------------------------------ one harvester, fail fast
+def test_duplicate_prompts_are_requested_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    f = tmp_path / "p.txt"
+    f.write_text("say hi\nsay bye\nsay hi\nsay hi\ncount to three\n")
+    db = tmp_path / "h.sqlite"
+    with FakeOpenAI() as fake:
+        rc = main(["harvest", "--endpoint", fake.url, "--model", "m", "--store", str(db),
+                   "--prompts", str(f), "--samples", "2", "--no-progress"])  # fmt: skip
+        n_http = fake.n_requests
+    assert rc == 0 and n_http == 3 * 2  # three distinct prompts, two samples each
+    rows = st.connect(db).execute("SELECT prompt_idx, sample FROM records").fetchall()
+    assert sorted(rows) == [(0, 0), (0, 1), (1, 0), (1, 1), (4, 0), (4, 1)]
+    assert "4 repeated (prompt, sample) pairs requested once" in capsys.readouterr().out
+
+
+def test_second_harvester_on_one_store_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "h.sqlite"
+    with FakeOpenAI() as fake, st.lock_store(db):  # another harvest holds the store
+        rc = main(["harvest", "--endpoint", fake.url, "--model", "m", "--store", str(db),
+                   "--prompts", str(_write_prompts(tmp_path)), "--no-progress"])  # fmt: skip
+        n_http = fake.n_requests
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and n_http == 0  # refused before a single paid request
+    assert len(err) == 1 and f"in use by pid {os.getpid()}" in err[0] and "Traceback" not in err[0]
+    with FakeOpenAI() as fake:  # released: the next run proceeds
+        assert main(["harvest", "--endpoint", fake.url, "--model", "m", "--store", str(db),
+                     "--prompts", str(_write_prompts(tmp_path)), "--no-progress"]) == 0  # fmt: skip
+
+
+def test_writer_failure_stops_the_workers_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The 3rd commit fails (as a full disk would): the run stops right there with exit 2 and
+    one line, instead of paying for the remaining requests; the first two commits stay."""
+    db = tmp_path / "h.sqlite"
+    real, calls = st.write_batch, []
+
+    def full_disk(conn: sqlite3.Connection, records: Any, failures: Any = ()) -> int:
+        calls.append(1)
+        if len(calls) == 3:
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(conn, records, failures)
+
+    monkeypatch.setattr(st, "write_batch", full_disk)
+    prompts = tmp_path / "p.jsonl"
+    assert main(["harvest", "prompts", "--out", str(prompts), "--n", "300"]) == 0
+    capsys.readouterr()
+    with FakeOpenAI(latency_s=0.01) as fake:
+        rc = main(["harvest", "--endpoint", fake.url, "--model", "m", "--store", str(db),
+                   "--prompts", str(prompts), "--concurrency", "4", "--no-progress"])  # fmt: skip
+        n_http = fake.n_requests
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "disk is full" in err[0] and "rerun to resume" in err[0]
+    kept = _count(db)
+    assert 0 < kept < 300 and f"{kept} answers committed are intact" in err[0]
+    # Stopped within a few commit intervals: nowhere near the 300 requests of a full run.
+    assert n_http < 60, n_http
+    assert st.connect(db).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_no_failure_row_for_a_done_key(tmp_path: Path) -> None:
+    conn = st.connect(tmp_path / "h.sqlite")
+    msgs = [{"role": "user", "content": "hi"}]
+    rec = st.Record("k1", 0, 0, "m", {}, msgs, "hello")
+    assert st.write_batch(conn, [rec]) == 1
+    st.write_batch(conn, [], [st.Failure("k1", 0, 0, msgs, 500, "late retry failed")])
+    st.write_batch(conn, [], [st.Failure("k2", 1, 0, msgs, 500, "boom")])
+    st.write_batch(conn, [], [st.Failure("k2", 1, 0, msgs, 503, "boom again")])
+    rows = conn.execute("SELECT key, attempts, status FROM failures").fetchall()
+    assert rows == [("k2", 2, 503)] and st.counts(conn) == {"records": 1, "failed": 1}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import threading
-import time
 from typing import Any
 
 import pytest
@@ -222,20 +221,23 @@ def test_failed_merge_answers_every_row_and_keeps_serving(monkeypatch: pytest.Mo
         real_merge(self, *args)
 
     monkeypatch.setattr(Engine, "_merge", flaky_merge)
-    started = threading.Event()
+    started, release = threading.Event(), threading.Event()
 
-    def slow_first(ids: Any, logits: Any) -> Any:
+    def gate_first(ids: Any, logits: Any) -> Any:
+        # Hold the first request's decode step until the second is queued: the second then
+        # joins a running batch at the next step, every time (no timing involved).
         started.set()
-        time.sleep(0.005)  # >= 2 s for 400 tokens: still running when the second one joins
+        assert release.wait(30)
         return logits
 
     engine.start()
     try:
         p = tok("hi").input_ids
         events, done, sink_for = _sinks(2)
-        engine.submit(p, SamplingParams(max_tokens=400, processors=(slow_first,)), [0], sink_for(0))
+        engine.submit(p, SamplingParams(max_tokens=400, processors=(gate_first,)), [0], sink_for(0))
         assert started.wait(30)
         engine.submit(p, SamplingParams(max_tokens=4), [0], sink_for(1))
+        release.set()
         assert done.acquire(timeout=30) and done.acquire(timeout=30)
         assert all(evs[-1].error and "merge exploded" in evs[-1].error for evs in events)
         (ok,) = _run(engine, [p], [SamplingParams(max_tokens=3, temperature=0.0)])

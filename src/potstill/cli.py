@@ -30,9 +30,9 @@ def _quiet_libraries() -> None:
     ):  # already imported (in-process callers): switch its bars off too
         sys.modules["transformers"].utils.logging.disable_progress_bar()
     import logging
-    import warnings
 
-    warnings.filterwarnings("ignore")
+    # Warnings are not silenced: a deprecation in our stack must reach the user who can act
+    # on it. Only accelerate's INFO/WARNING chatter (per-process notices) is turned down.
     logging.getLogger("accelerate").setLevel(logging.ERROR)
 
 
@@ -193,13 +193,39 @@ def _register_plugin(sub: argparse._SubParsersAction, module: str) -> None:
     mod.register(sub)
 
 
+# Optional dependencies by import name -> the extra that installs them (pyproject.toml).
+EXTRAS = {
+    "fastapi": "serve",
+    "uvicorn": "serve",
+    "starlette": "serve",
+    "scipy": "detect",
+    "httpx": "detect",
+    "pyarrow": "cache",
+}
+
+
+def missing_extra(exc: ModuleNotFoundError) -> PotstillError | None:
+    """The error to show when a verb needs a package of an extra that is not installed."""
+    top = (exc.name or "").split(".")[0]
+    extra = EXTRAS.get(top)
+    if extra is None:
+        return None
+    return PotstillError(
+        f"this needs the {top} package, which comes with potstill's [{extra}] extra; "
+        f"install it with: pip install 'potstill[{extra}]'"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _quiet_libraries()
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return func(args)
+        try:
+            return func(args)
+        except ModuleNotFoundError as exc:
+            raise missing_extra(exc) or exc from None
     except PotstillError as err:
         print(f"potstill {args.verb}: error: {err}", file=sys.stderr)
         return 1 if isinstance(err, TrainingDiverged) else 2

@@ -116,6 +116,8 @@ def cmd_harvest(args: argparse.Namespace) -> int:
         policy=RetryPolicy(max_retries=args.max_retries, timeout_s=args.timeout),
         progress=not args.no_progress,
     )
+    if stats.duplicates:
+        print(f"harvest: {stats.duplicates} repeated (prompt, sample) pairs requested once")
     print(
         f"harvest: {stats.done} new, {stats.skipped} already stored, {stats.failed} failed "
         f"(retried on the next run), {stats.errors} errors, {stats.rate:.1f} req/s -> {args.store}"

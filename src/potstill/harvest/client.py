@@ -15,7 +15,12 @@ the run with a :class:`PotstillError` (bad key, URL or model name: every request
 Exactly once: a writer thread commits finished records (``INSERT OR IGNORE``, batched: one
 transaction holds whatever finished since the last commit); a record counts as done only
 once committed. SIGKILL at any moment loses at most uncommitted answers, which the next run
-requests again.
+requests again. A prompt listed twice is one key and is requested once.
+
+Fail fast: the run holds the store's lock (:func:`~potstill.harvest.store.lock_store`), so a
+second harvester on the same store is refused before it sends anything. If a commit fails
+(disk full, a locked or corrupt file) the workers are cancelled at once, not at the end of
+the run: every request after that would be paid for and then lost. What was committed stays.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from potstill.errors import PotstillError
+from potstill.faults import fault_point
 from potstill.harvest import store as st
 from potstill.harvest.http import Connection, ConnectionLost, Endpoint, Response
 
@@ -75,7 +81,8 @@ class RetryPolicy:
 
 @dataclass
 class HarvestStats:
-    total: int = 0  # (prompt, sample) pairs asked for
+    total: int = 0  # distinct (prompt, sample) pairs asked for
+    duplicates: int = 0  # repeated (prompt, sample) pairs in the input, not requested again
     skipped: int = 0  # already in the store
     done: int = 0  # committed this run
     failed: int = 0  # written to `failures` this run
@@ -221,7 +228,8 @@ class _Writer:
 
     The event loop appends to ``pending`` and :meth:`flush` hands the list to the thread every
     few milliseconds: one thread wake-up per batch rather than per record (waking the writer
-    for every record costs the event loop the GIL hundreds of times a second).
+    for every record costs the event loop the GIL hundreds of times a second). A failed
+    commit sets ``failed`` (an event of the harvest's loop) so the workers stop at once.
     """
 
     def __init__(self, path: Path, stats: HarvestStats, synchronous: str) -> None:
@@ -230,6 +238,8 @@ class _Writer:
         self.pending: list[st.Record | st.Failure] = []
         self.q: queue.SimpleQueue[list[st.Record | st.Failure] | None] = queue.SimpleQueue()
         self.error: BaseException | None = None
+        self.loop = asyncio.get_running_loop()
+        self.failed = asyncio.Event()
         self.thread = threading.Thread(
             target=self._run, name="potstill-harvest-writer", daemon=True
         )
@@ -251,6 +261,7 @@ class _Writer:
                 recs = [x for x in batch if isinstance(x, st.Record)]
                 fails = [x for x in batch if isinstance(x, st.Failure)]
                 st.write_batch(self.conn, recs, fails)
+                fault_point("harvest.after_commit")
                 # counted only after COMMIT returned: "done" means durable
                 self.stats.done += len(recs)
                 self.stats.failed += len(fails)
@@ -260,15 +271,16 @@ class _Writer:
                     self.stats.completion_tokens += int(u.get("completion_tokens") or 0)
         except BaseException as e:
             self.error = e
+            self.loop.call_soon_threadsafe(self.failed.set)
         finally:
             self.conn.close()
 
-    def close(self) -> None:
+    def close(self) -> BaseException | None:
+        """Commit what is pending, stop the thread; returns the commit error, if any."""
         self.flush()
         self.q.put(None)
         self.thread.join()
-        if self.error is not None:
-            raise self.error
+        return self.error
 
 
 async def _request(
@@ -335,7 +347,13 @@ async def _worker(
 def plan_items(
     prompts: Sequence[Messages], model: str, params: GenParams, samples: int
 ) -> list[_Item]:
+    """One item per distinct (prompt, sample) key, in prompt order.
+
+    A prompt listed again has the same keys as its first occurrence: it is planned once (its
+    ``prompt_idx`` is the first position), so it is requested and paid for once.
+    """
     items = []
+    seen: set[str] = set()
     key_params = params.key_dict()
     params_json = st.canonical_json(key_params)
     for i, msgs in enumerate(prompts):
@@ -343,9 +361,10 @@ def plan_items(
             completion_prompt(msgs)  # validate before sending anything
         cached = (params_json, st.canonical_json(msgs), st.prompt_id(msgs))
         for s in range(samples):
-            items.append(
-                _Item(st.record_key(model, key_params, msgs, s), i, s, msgs, cached, key_params)
-            )
+            key = st.record_key(model, key_params, msgs, s)
+            if key not in seen:
+                seen.add(key)
+                items.append(_Item(key, i, s, msgs, cached, key_params))
     return items
 
 
@@ -372,6 +391,21 @@ async def harvest_async(
         )
     ep = Endpoint.parse(endpoint)
     items = plan_items(prompts, model, params, samples)
+    with st.lock_store(store_path):
+        stats = await _harvest_locked(
+            items, Path(store_path), ep, model, params, concurrency, api_key, policy,
+            progress, synchronous,
+        )  # fmt: skip
+    stats.duplicates = len(prompts) * samples - len(items)
+    return stats
+
+
+async def _harvest_locked(
+    items: list[_Item], store_path: Path, ep: Endpoint, model: str, params: GenParams,
+    concurrency: int, api_key: str | None, policy: RetryPolicy, progress: bool,
+    synchronous: str,
+) -> HarvestStats:  # fmt: skip
+    """The run itself, with the store's lock held: workers, the writer, progress."""
     stats = HarvestStats(total=len(items))
     conn = st.connect(store_path, synchronous=synchronous)
     try:
@@ -381,7 +415,7 @@ async def harvest_async(
     todo = [it for it in items if it.key not in done]
     stats.skipped = len(items) - len(todo)
     headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-    writer = _Writer(Path(store_path), stats, synchronous)
+    writer = _Writer(store_path, stats, synchronous)
     t0 = time.perf_counter()
     shared = iter(todo)
     tasks = [
@@ -390,18 +424,27 @@ async def harvest_async(
     ]
     bar = asyncio.ensure_future(_show_progress(stats, t0, len(todo))) if progress else None
     flusher = asyncio.ensure_future(writer.flush_every(0.01))
+    writer_failed = asyncio.ensure_future(writer.failed.wait())
+    work = asyncio.gather(*tasks)
     try:
-        await asyncio.gather(*tasks)
+        await asyncio.wait({work, writer_failed}, return_when=asyncio.FIRST_COMPLETED)
+        if work.done():
+            work.result()  # a worker's error (e.g. a fatal HTTP status) propagates
     finally:
-        flusher.cancel()
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.get_running_loop().run_in_executor(None, writer.close)
+        for fut in (flusher, writer_failed, *tasks):
+            fut.cancel()
+        await asyncio.gather(work, flusher, writer_failed, return_exceptions=True)
+        error = await asyncio.get_running_loop().run_in_executor(None, writer.close)
         stats.elapsed_s = time.perf_counter() - t0
         if bar is not None:
             bar.cancel()
             await asyncio.gather(bar, return_exceptions=True)
+    if error is not None:
+        raise PotstillError(
+            f"writing to harvest store {store_path} failed ({type(error).__name__}: {error}); "
+            f"stopped the workers. {stats.done} answers committed are intact: fix the cause "
+            "(disk space, a lock or a damaged file) and rerun to resume"
+        )
     return stats
 
 

@@ -27,12 +27,19 @@ inside a transaction that also deletes the key from ``failures``; a transaction 
 and a committed one survives SIGKILL of the writer (WAL, ``synchronous=NORMAL``; use
 ``synchronous="FULL"`` to also survive power loss). So a key is either absent (it will be
 requested again) or present exactly once, whenever the harvester dies.
+
+One harvester per store: :func:`lock_store` takes an exclusive ``flock`` on ``<store>.lock``
+(POSIX only). A second harvester on the same store is refused at once instead of paying for
+every answer twice. The kernel drops the lock when its holder dies, so a lock file left by a
+SIGKILLed run never blocks the rerun.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
@@ -41,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from potstill.errors import PotstillError
+from potstill.faults import fault_point
 
 SCHEMA_VERSION = "1"
 
@@ -174,6 +182,35 @@ def _check_schema(conn: sqlite3.Connection, path: Path) -> None:
         )
 
 
+@contextlib.contextmanager
+def lock_store(path: str | Path) -> Iterator[Path]:
+    """Hold an exclusive lock on the store at ``path`` for the ``with`` block.
+
+    Raises :class:`PotstillError` naming the holder's pid when another process has it. The
+    lock is ``flock`` on ``<path>.lock``, which holds the holder's pid as text; the file stays
+    after the run (deleting it would race a process that has just opened it).
+    """
+    import fcntl
+
+    lock_path = Path(str(Path(path).expanduser()) + ".lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise PotstillError(
+                f"harvest store {path} in use by pid {holder}; wait for that harvest to finish "
+                "or stop it, or pick another --store"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        yield lock_path
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
 def done_keys(conn: sqlite3.Connection) -> set[str]:
     return {k for (k,) in conn.execute("SELECT key FROM records")}
 
@@ -196,10 +233,12 @@ def write_batch(
             inserted += cur.rowcount
             conn.execute("DELETE FROM failures WHERE key=?", (r.key,))
         for f in failures:
+            # Never a failure row for a key that is already done: a record is final.
             conn.execute(
-                "INSERT INTO failures VALUES (?,?,?,?,1,?,?,?) ON CONFLICT(key) DO UPDATE SET "
-                "attempts=attempts+1, status=excluded.status, error=excluded.error, "
-                "updated=excluded.updated WHERE NOT EXISTS (SELECT 1 FROM records WHERE key=excluded.key)",
+                "INSERT INTO failures SELECT ?,?,?,?,1,?,?,? "
+                "WHERE NOT EXISTS (SELECT 1 FROM records WHERE key=?) "
+                "ON CONFLICT(key) DO UPDATE SET attempts=attempts+1, status=excluded.status, "
+                "error=excluded.error, updated=excluded.updated",
                 (
                     f.key,
                     f.prompt_idx,
@@ -208,8 +247,10 @@ def write_batch(
                     f.status,
                     f.error[:2000],
                     time.time(),
+                    f.key,
                 ),
             )
+        fault_point("store.before_commit")
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -259,6 +300,7 @@ __all__ = [
     "counts",
     "done_keys",
     "iter_records",
+    "lock_store",
     "prompt_id",
     "record_key",
     "write_batch",

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from potstill.config import DistillConfig, dump_config
 from potstill.errors import PotstillError, TrainingDiverged
+from potstill.faults import fault_point
 from potstill.io import atomic_dir, atomic_write_text
 from potstill.train.checkpoint import Progress, find_resume_point, list_checkpoints, save_checkpoint
 from potstill.train.data import TrainData, prepare_data
@@ -237,6 +238,24 @@ def load_student(cfg: DistillConfig, tokenizer: Any) -> nn.Module:
     return model
 
 
+def check_sparse_temperature(cfg: DistillConfig, *, sparse: bool) -> None:
+    """Refuse ``loss.temperature != 1`` when the teacher is known only by top-k logprobs.
+
+    Top-k targets (a logit cache, an API's logprobs) are recorded at temperature 1. Tempering
+    the K known tokens is exact (``softmax(l_i / T)`` over them, up to normalisation), but the
+    tail bucket's tempered mass is ``sum_j exp(l_j / T)`` over tokens whose logprobs were never
+    recorded: any value from ``m**(1/T)``-like to 0 fits the same record. Dividing only the
+    student's logits by T, as a dense loss does, would compare a tempered student with an
+    untempered teacher: a silently wrong objective. So T != 1 is an error here.
+    """
+    if sparse and cfg.loss.ce_weight < 1.0 and cfg.loss.temperature != 1.0:
+        raise PotstillError(
+            f"loss.temperature={cfg.loss.temperature} cannot be applied to sparse top-k teacher "
+            "targets: they were recorded at temperature 1 and the tempered mass of the tokens "
+            "outside the top-k is unknown; set loss.temperature=1.0 (or use an online teacher)"
+        )
+
+
 def _check_out_dir(out: Path, resume: bool) -> None:
     if out.exists() and any(out.iterdir()) and not resume:
         raise PotstillError(
@@ -284,6 +303,7 @@ def run_distill(
             "gives no teacher signal; use a teacher model or cache:DIR, data with top-k logprobs, "
             "or loss.ce_weight=1.0 for plain SFT"
         )
+    check_sparse_temperature(cfg, sparse=data.targets is not None)
     config_dict = json.loads(json.dumps(cfg.model_dump(mode="json")))
     config_dict.pop("out_dir")
     resume_from = (
@@ -431,6 +451,7 @@ def _train_loop(
             _evaluate(acc, model, data, progress, metrics_path)
         if (tc.save_every and progress.step % tc.save_every == 0) or last_step:
             save_checkpoint(acc, out / "checkpoints", progress, keep=tc.keep_checkpoints)
+            fault_point("train.after_checkpoint")
         if progress.step == stop_after:
             break
     if bar is not None:
