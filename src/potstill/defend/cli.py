@@ -152,12 +152,18 @@ def serve_hooks(args: argparse.Namespace, api_keys: tuple[str, ...]) -> dict[str
     if args.monitor_log_prompts:
         observers.append(_prompt_logger(args.monitor_log_prompts))
     if observers:
+        from potstill.defend.background import BackgroundObserver
 
         def observe(record: dict[str, Any], text: str) -> None:
             for ob in observers:
                 ob(record, text)
 
-        out["observer"] = observe
+        # Embedding runs in a worker thread: on the event loop it would stall every stream.
+        background = BackgroundObserver(observe)
+        out["observer"] = background
+        if monitor is not None:
+            snapshot = monitor.snapshot
+            out["monitor_view"] = lambda: {**snapshot(), "observer": background.stats()}
     out["admit"] = make_admission(policy, monitor, args.monitor_action)
     return out
 

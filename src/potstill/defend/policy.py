@@ -12,6 +12,8 @@ recover hidden logits one token at a time (Carlini et al., 2024; Finlayson et al
   when a non-empty ``logit_bias`` is sent.
 
 A violation is a 400 with OpenAI's error shape naming the limit, code ``policy_limit``.
+Caps are checked on the *validated* request (:mod:`potstill.serve.protocol`), after pydantic
+has coerced ``"5"`` or ``5.0`` to ``5``: a check on the raw JSON would let such values past.
 
 :func:`make_admission` builds the ``ServeSettings.admit`` hook: policy checks, then the
 monitor's gate for flagged keys: ``flag`` (serve; the key shows on ``/v1/monitor``),
@@ -25,10 +27,18 @@ from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
 from potstill.errors import PotstillError
-from potstill.serve.protocol import MAX_N, MAX_TOP_LOGPROBS, APIError
+from potstill.serve.protocol import (
+    MAX_N,
+    MAX_TOP_LOGPROBS,
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+)
 
 if TYPE_CHECKING:
     from potstill.defend.monitor import ExtractionMonitor
+
+GenerationRequest = CompletionRequest | ChatCompletionRequest
 
 __all__ = ["MONITOR_ACTIONS", "APIPolicy", "KeyPolicy", "make_admission", "parse_key_policy"]
 
@@ -95,20 +105,17 @@ class APIPolicy:
     def for_key(self, kid: str) -> KeyPolicy:
         return self.per_key.get(kid, self.default)
 
-    def check(self, kid: str, endpoint: str, body: dict[str, Any]) -> None:
-        """Raise APIError 400 when the raw request ``body`` breaks ``kid``'s policy."""
+    def check(self, kid: str, request: GenerationRequest) -> None:
+        """Raise APIError 400 when the validated ``request`` breaks ``kid``'s policy."""
         pol = self.for_key(kid)
-        chat = endpoint.endswith("/chat/completions")
-        top = body.get("top_logprobs") if chat else body.get("logprobs")
-        if chat and not body.get("logprobs"):
-            top = None  # top_logprobs without logprobs=true returns nothing
-        if isinstance(top, int) and top > pol.max_top_logprobs:
-            name = "top_logprobs" if chat else "logprobs"
+        top = request.top_logprobs_asked()
+        if top is not None and top > pol.max_top_logprobs:
+            name = "top_logprobs" if isinstance(request, ChatCompletionRequest) else "logprobs"
             raise _limit(name, top, "max_top_logprobs", pol.max_top_logprobs)
-        n = body.get("n")
-        if isinstance(n, int) and n > pol.max_n:
+        n = request.n or 1
+        if n > pol.max_n:
             raise _limit("n", n, "max_n", pol.max_n)
-        if pol.logit_bias == "reject" and body.get("logit_bias"):
+        if pol.logit_bias == "reject" and request.logit_bias:
             raise APIError(
                 400,
                 "logit_bias is not allowed for this API key (policy logit_bias=reject)",
@@ -121,14 +128,14 @@ def make_admission(
     policy: APIPolicy | None,
     monitor: ExtractionMonitor | None = None,
     action: str = "flag",
-) -> Callable[[str, dict[str, Any], dict[str, Any]], None]:
-    """The ``ServeSettings.admit(key_id, audit_record, raw_body)`` hook."""
+) -> Callable[[str, dict[str, Any], GenerationRequest], None]:
+    """The ``ServeSettings.admit(key_id, audit_record, request)`` hook."""
     if action not in MONITOR_ACTIONS:
         raise PotstillError(f"--monitor-action must be one of {', '.join(MONITOR_ACTIONS)}")
 
-    def admit(kid: str, record: dict[str, Any], body: dict[str, Any]) -> None:
+    def admit(kid: str, record: dict[str, Any], request: GenerationRequest) -> None:
         if policy is not None:
-            policy.check(kid, str(record.get("endpoint", "")), body)
+            policy.check(kid, request)
         if monitor is None or action == "flag" or not monitor.is_flagged(kid):
             return
         msg = "this API key's recent requests look like systematic model extraction"

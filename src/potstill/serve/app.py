@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
@@ -45,8 +45,16 @@ __all__ = ["ServeSettings", "create_app"]
 
 @dataclass
 class ServeSettings:
-    """Server policy. ``processors``: hook for later issues, called with the request's
-    audit record to build its logits-processor chain (None = empty chain)."""
+    """Server policy. ``processors``: called with the request's audit record to build its
+    logits-processor chain (None = empty chain): the watermark and antidistillation.
+
+    ``logprobs_source``: ``served`` reports logprobs of the distribution after the processors
+    (what the tokens were drawn from); ``raw`` reports the undefended model's, which hands a
+    distiller exactly what the defences hide. With ``served`` and a defence on, echoed prompt
+    logprobs are refused (400): processors do not run on prompt positions, so they would be
+    the raw model's. ``max_logprob_entries``: a request may ask for at most this many logprob
+    entries, choices x (echoed prompt tokens + max_tokens) x (top-k + 1); more is a 400.
+    """
 
     api_keys: tuple[str, ...] = ()
     rpm: int | None = None
@@ -55,13 +63,17 @@ class ServeSettings:
     processors: Callable[[dict[str, Any]], list[LogitsProcessor]] | None = None
     # Defense hooks (see potstill.defend): ``observer(audit_record, prompt_text)`` runs after
     # each generation request's audit line (prompt text: completions prompts or chat message
-    # contents, joined by newlines); ``admit(key_id, audit_record, raw_body)`` runs before
+    # contents, joined by newlines); ``admit(key_id, audit_record, request)`` runs before
     # generation and raises APIError to refuse; ``monitor_view()`` answers GET /v1/monitor,
     # which needs an API key (one of ``monitor_admin_keys`` when any are set).
     observer: Callable[[dict[str, Any], str], None] | None = None
-    admit: Callable[[str, dict[str, Any], dict[str, Any]], None] | None = None
+    # ``request``: the validated CompletionRequest / ChatCompletionRequest (limits are checked
+    # on parsed, typed values, never on the raw JSON)
+    admit: Callable[[str, dict[str, Any], Any], None] | None = None
     monitor_view: Callable[[], dict[str, Any]] | None = None
     monitor_admin_keys: tuple[str, ...] = ()
+    logprobs_source: Literal["served", "raw"] = "served"
+    max_logprob_entries: int = 2**19
 
 
 @dataclass
@@ -165,12 +177,10 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
             except Exception:  # a monitor bug must not fail the request it watches
                 logging.getLogger("potstill.serve").exception("the request observer failed")
 
-    async def admit(request: Request, kid: str, text: str) -> None:
+    async def admit(request: Request, kid: str, text: str, body: Any) -> None:
         request.state.prompt_text = text
-        if settings.admit is None:
-            return
-        raw = await request.json()  # the raw body: fields the request models drop
-        settings.admit(kid, request.state.audit, raw if isinstance(raw, dict) else {})
+        if settings.admit is not None:
+            settings.admit(kid, request.state.audit, body)
 
     def error_response(request: Request, err: APIError) -> JSONResponse:
         write_audit(request, err.status, error_code=err.code or err.type)
@@ -262,6 +272,33 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         check_model(model_id)
         return model_card()
 
+    def check_logprobs(
+        prompts: list[_Prompt], n: int, max_tokens: int, logprobs: int | None, echo: bool,
+        defended: bool,
+    ) -> None:  # fmt: skip
+        """400 for echoed logprobs of a defended model, or a request over the logprob budget."""
+        if logprobs is None:
+            return
+        param = "logprobs"
+        if echo and defended and settings.logprobs_source == "served":
+            raise APIError(
+                400,
+                "echo with logprobs is not available on this server: its outputs are defended "
+                "and prompt logprobs would be the undefended model's; drop echo or logprobs",
+                param="echo",
+            )
+        positions = sum((len(p.ids) if echo else 0) + max_tokens for p in prompts)
+        entries = n * positions * (logprobs + 1)
+        if entries > settings.max_logprob_entries:
+            raise APIError(
+                400,
+                f"this request asks for {entries} logprob entries (choices x positions x "
+                f"(top-k + 1)); this server's limit is {settings.max_logprob_entries}: lower "
+                "n, max_tokens, the prompt length with echo, or the number of top logprobs",
+                param=param,
+                code="logprobs_limit",
+            )
+
     def start_job(
         request: Request,
         kid: str,
@@ -294,9 +331,10 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         prompt_tokens = sum(len(p.ids) for p in prompts)
         rec["prompt_tokens"] = prompt_tokens
         charge = prompt_tokens + n * len(prompts) * max_tokens
+        processors = tuple(settings.processors(rec)) if settings.processors else ()
+        check_logprobs(prompts, n, max_tokens, logprobs, echo, bool(processors))
         limiter.acquire(kid, charge)
         rec["_charge"] = charge
-        processors = tuple(settings.processors(rec)) if settings.processors else ()
         params = SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if body.temperature is None else body.temperature,
@@ -306,6 +344,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
             logprobs=logprobs,
             echo_logprobs=echo and logprobs is not None,
             processors=processors,
+            served_logprobs=settings.logprobs_source == "served",
         )
         job = _Job(prompts, n)
         loop = asyncio.get_running_loop()
@@ -415,7 +454,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         check_model(body.model)
         prompts = completion_prompts(body)
         request.state.audit["prompt_sha256"] = prompt_sha256(body.prompt)
-        await admit(request, kid, "\n".join(p.text for p in prompts))
+        await admit(request, kid, "\n".join(p.text for p in prompts), body)
         max_tokens = body.max_tokens or 16
         job = start_job(request, kid, prompts, body, max_tokens, body.logprobs, echo)
         want_lp = body.logprobs is not None
@@ -465,7 +504,7 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
         check_model(body.model)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         request.state.audit["prompt_sha256"] = prompt_sha256(messages)
-        await admit(request, kid, "\n".join(m["content"] for m in messages))
+        await admit(request, kid, "\n".join(m["content"] for m in messages), body)
         if not getattr(engine.tokenizer, "chat_template", None):
             raise APIError(
                 400,

@@ -70,6 +70,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "lambda * delta to the logits before temperature (bias lambda*delta/T); 0 = off",
     )
     s.add_argument(
+        "--logprobs-source",
+        choices=("served", "raw"),
+        default="served",
+        help="served (default): logprobs of the distribution the tokens were drawn from, after "
+        "the watermark / antidistillation; raw: the undefended model's, which leaks exactly "
+        "what the defences hide (vLLM's --logprobs-mode processed vs raw)",
+    )
+    s.add_argument(
+        "--max-logprob-entries",
+        type=int,
+        default=2**19,
+        help="per-request cap on choices x positions x (top-k + 1) logprob entries (400 above)",
+    )
+    s.add_argument(
         "--metadata",
         default=None,
         help="write the serving settings (watermark scheme, params, key id) here; "
@@ -99,6 +113,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise PotstillError(f"{flag} must be >= 1, got {value}: pass a positive number")
     if not 0 <= args.port <= 65535:
         raise PotstillError(f"--port must be in 0..65535, got {args.port}")
+    if args.max_logprob_entries < 1:
+        raise PotstillError(f"--max-logprob-entries must be >= 1, got {args.max_logprob_entries}")
     if args.watermark_key_file and not args.watermark:
         raise PotstillError("--watermark-key-file needs --watermark kgw|gumbel")
     antidistill = None
@@ -133,7 +149,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     hooks = serve_hooks(args, api_keys)
     api_keys = tuple(dict.fromkeys([*api_keys, *hooks["monitor_admin_keys"]]))
     engine = Engine.from_spec(args.model, max_batch=args.max_batch, device=device, dtype=args.dtype)
-    extra: dict = {}
+    extra: dict = {"logprobs_source": args.logprobs_source}
     if antidistill is not None:  # antidistill first, the watermark last (see antidistill_serve)
         from potstill.defend import antidistill_serve as ads
 
@@ -148,6 +164,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tpm=args.tpm,
         audit_log=args.audit_log,
         processors=processors,
+        logprobs_source=args.logprobs_source,
+        max_logprob_entries=args.max_logprob_entries,
         **hooks,
     )
     meta_path = args.metadata or (f"{args.audit_log}.meta.json" if args.audit_log else None)

@@ -18,6 +18,17 @@ Design (continuous batching, left-padded):
   with ``seed + choice index``, consuming one uniform per step; so a seeded request gives
   the same text alone or in any batch (up to float rounding of batched matmuls).
 
+Logprobs: ``SamplingParams.served_logprobs`` (the default) reports the log-softmax of the
+logits *after* the request's processors (watermark, antidistillation): the distribution the
+token was drawn from, before the client's own temperature and top-p. Raw logprobs, of the
+undefended model, are reported only when a request asks for them (``--logprobs-source raw``).
+A token the processors made impossible is reported at :data:`LOGPROB_FLOOR` (-9999, as OpenAI
+does), never as -inf, which JSON cannot carry.
+
+Memory: a prefill keeps the logits of the last position only. Echoed prompt logprobs are
+computed by a chunked prefill whose chunks hold at most :data:`ECHO_LOGITS_BYTES` of fp32
+logits, so a long echo request costs a bounded amount of memory, not ``B x T x V`` floats.
+
 Failures: an exception while handling one row (processors, sampling, detokenising) fails
 only that row; a failing forward pass fails the rows of that pass, the batch is reset and
 the worker keeps serving.
@@ -53,7 +64,22 @@ if TYPE_CHECKING:
     from torch import Tensor
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["Engine", "EngineStats", "Event", "RequestGroup", "SamplingParams", "TokenLogprob"]
+__all__ = [
+    "ECHO_LOGITS_BYTES",
+    "LOGPROB_FLOOR",
+    "Engine",
+    "EngineStats",
+    "Event",
+    "RequestGroup",
+    "SamplingParams",
+    "TokenLogprob",
+]
+
+#: Reported instead of -inf for tokens a processor excluded (OpenAI's value for "impossible").
+LOGPROB_FLOOR = -9999.0
+#: At most this many bytes of fp32 logits live at once while echoed prompt logprobs are
+#: computed (one prefill chunk: rows x chunk positions x vocabulary x 4 bytes).
+ECHO_LOGITS_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -61,7 +87,9 @@ class SamplingParams:
     """Per-request sampling settings (validated by the HTTP layer).
 
     ``logprobs``: None = no logprobs; k >= 0 = report the chosen token's logprob and the
-    top ``k``. ``echo_logprobs``: also report logprobs of the prompt tokens.
+    top ``k``. ``echo_logprobs``: also report logprobs of the prompt tokens (of the model:
+    processors do not run on prompt positions). ``served_logprobs``: report logprobs after the
+    processors (the defended distribution) rather than the raw model's.
     """
 
     max_tokens: int
@@ -72,6 +100,7 @@ class SamplingParams:
     logprobs: int | None = None
     echo_logprobs: bool = False
     processors: tuple[LogitsProcessor, ...] = ()
+    served_logprobs: bool = True
 
 
 @dataclass(frozen=True)
@@ -301,25 +330,26 @@ class Engine:
             mask[r, width - len(g.prompt_ids) :] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.model.config)
-        need_all = any(g.params.echo_logprobs for g in groups)
+        echo_rows = [r for r, g in enumerate(groups) if g.params.echo_logprobs]
+        prompt_lps: dict[int, list[TokenLogprob]] = {}
         try:
-            logits = self._forward(
-                ids.to(dev), mask.to(dev), pos.to(dev), cache, 0 if need_all else 1
-            )
+            if echo_rows:
+                last = self._echo_prefill(groups, echo_rows, ids, mask, pos, cache, prompt_lps)
+            else:
+                last = self._forward(ids.to(dev), mask.to(dev), pos.to(dev), cache, 1)[:, -1]
         except Exception as exc:
             for g in groups:
                 for i in g.indices:
                     self._send_error(g, i, f"prefill failed: {exc!r}")
             return
-        last = logits[:, -1].cpu()
+        last = last.cpu()
         new_rows: list[_Row] = []
         row_src: list[int] = []
         for r, g in enumerate(groups):
-            prompt_lps = self._prompt_logprobs(g, logits[r]) if g.params.echo_logprobs else None
             for i in g.indices:
                 row = self._new_row(g, i)
-                if prompt_lps is not None:
-                    g.sink(Event(index=i, prompt_logprobs=prompt_lps))
+                if r in prompt_lps:
+                    g.sink(Event(index=i, prompt_logprobs=prompt_lps[r]))
                 new_rows.append(row)
                 row_src.append(r)
         self._advance_all(new_rows, last[row_src])
@@ -342,25 +372,65 @@ class Engine:
         gen.manual_seed(seed + index if seed is not None else secrets.randbits(63))
         return _Row(group=group, index=index, generator=gen)
 
-    def _prompt_logprobs(self, group: RequestGroup, logits: Tensor) -> list[TokenLogprob]:
-        """Logprobs of each prompt token under the model (first token: None).
+    def _echo_prefill(
+        self, groups: list[RequestGroup], echo_rows: list[int], ids: Tensor, mask: Tensor,
+        pos: Tensor, cache: Any, out: dict[int, list[TokenLogprob]],
+    ) -> Tensor:  # fmt: skip
+        """Prefill in column chunks, filling ``out[row]`` with each echo row's prompt logprobs.
 
-        ``logits [width, V]`` is the group's left-padded prefill row.
+        A chunk keeps ``[B, C, V]`` fp32 logits with ``B * C * V * 4 <= ECHO_LOGITS_BYTES``
+        (at least one column), so memory does not grow with the prompt length. Returns the
+        last position's logits ``[B, V]``.
         """
-        import torch
+        dev, width = self.device, ids.shape[1]
+        chunk = max(1, ECHO_LOGITS_BYTES // (4 * self.vocab_size * ids.shape[0]))
+        for r in echo_rows:
+            out[r] = [TokenLogprob(groups[r].prompt_ids[0], None, [], offset=0)]
+        offsets = {r: self._prompt_offsets(groups[r].prompt_ids) for r in echo_rows}
+        last: Tensor | None = None
+        for start in range(0, width, chunk):
+            end = min(width, start + chunk)
+            logits = self._forward(
+                ids[:, start:end].to(dev), mask[:, :end].to(dev), pos[:, start:end].to(dev),
+                cache, 0,
+            )  # fmt: skip
+            last = logits[:, -1]
+            for r in echo_rows:
+                self._chunk_prompt_logprobs(groups[r], logits[r], start, width, offsets[r], out[r])
+        assert last is not None
+        return last
 
-        p = group.prompt_ids
-        k = group.params.logprobs or 0
-        lsm = torch.log_softmax(logits[logits.shape[0] - len(p) :], dim=-1).cpu()
-        # Offsets from single-token texts: exact for whole characters (byte-level BPE).
+    def _prompt_offsets(self, p: list[int]) -> list[int]:
+        """Char offset of each prompt token, from single-token texts (exact for whole
+        characters in byte-level BPE)."""
         offsets = [0]
         for t in p[:-1]:
             offsets.append(offsets[-1] + len(self._tok.decode([t], skip_special_tokens=False)))
-        out = [TokenLogprob(p[0], None, [], offset=0)]
-        for t in range(1, len(p)):
-            top = top_logprobs(lsm[t - 1], k)
-            out.append(TokenLogprob(p[t], float(lsm[t - 1, p[t]]), top, offset=offsets[t]))
-        return out
+        return offsets
+
+    def _chunk_prompt_logprobs(
+        self, group: RequestGroup, logits: Tensor, start: int, width: int, offsets: list[int],
+        out: list[TokenLogprob],
+    ) -> None:  # fmt: skip
+        """Append the prompt logprobs that columns ``start..`` of one left-padded row predict.
+
+        ``logits [C, V]``: column ``c`` predicts prompt token ``t = c - pad + 1``, where
+        ``pad = width - len(prompt)``.
+        """
+        import torch
+
+        p, k = group.prompt_ids, group.params.logprobs or 0
+        pad = width - len(p)
+        first = max(start, pad)  # skip padding columns
+        stop = min(start + logits.shape[0], width - 1)  # the last column predicts no prompt token
+        if first >= stop:
+            return
+        lsm = torch.log_softmax(logits[first - start : stop - start], dim=-1).cpu()
+        for c in range(first, stop):
+            t = c - pad + 1
+            row = lsm[c - first]
+            lp = max(float(row[p[t]]), LOGPROB_FLOOR)
+            out.append(TokenLogprob(p[t], lp, top_logprobs(row, k), offset=offsets[t]))
 
     def _merge(self, cache: Any, mask: Tensor, src: Tensor, rows: list[_Row]) -> None:
         """Append prefilled rows (``cache`` rows ``src``) to the running batch, left-padding
@@ -462,7 +532,11 @@ class Engine:
         want = [j for j, p in enumerate(params) if p.logprobs is not None]
         lps: dict[int, tuple[float, list[tuple[int, float]]]] = {}
         if want:
-            lsm = torch.log_softmax(logits[[live[j] for j in want]], dim=-1)
+            # served: the processed logits the token was drawn from (the defended model)
+            src = torch.stack(
+                [(processed if params[j].served_logprobs else logits)[live[j]] for j in want]
+            )
+            lsm = torch.log_softmax(src, dim=-1).clamp_min(LOGPROB_FLOOR)
             for r, j in enumerate(want):
                 lps[j] = (float(lsm[r, tids[j]]), top_logprobs(lsm[r], params[j].logprobs or 0))
         for j, i in enumerate(live):

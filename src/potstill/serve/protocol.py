@@ -88,6 +88,9 @@ class _Sampling(_Request):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
+    # Accepted (clients send ``{}``) and typed, so API policy sees the parsed value; the
+    # server never applies it (logit_bias probing recovers hidden logits).
+    logit_bias: dict[str, float] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -107,6 +110,10 @@ class CompletionRequest(_Sampling):
     max_tokens: int | None = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool | None = False
+
+    def top_logprobs_asked(self) -> int | None:
+        """Top-k logprobs this request would be served per token (None: no logprobs)."""
+        return self.logprobs
 
 
 class ChatMessage(_Request):
@@ -132,3 +139,8 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def top_logprobs_asked(self) -> int | None:
+        """Top-k logprobs this request would be served per token (None: no logprobs);
+        ``top_logprobs`` without ``logprobs=true`` returns nothing."""
+        return (self.top_logprobs or 0) if self.logprobs else None
