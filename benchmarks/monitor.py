@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import argparse
 import random
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import provenance
 from potstill.defend.embed import load_embedder
 from potstill.defend.monitor import (
     DECISION_STATS,
@@ -45,6 +48,7 @@ def main() -> None:
     ap.add_argument("--windows-per-fraction", type=int, default=100)
     ap.add_argument("--name", default="monitor", help="results/NAME.json and NAME_tpr.png")
     args = ap.parse_args()
+    started = time.time()
 
     t0 = time.perf_counter()
     emb = load_embedder(args.embedder)
@@ -116,6 +120,7 @@ def main() -> None:
             "score_windows": round(t_score, 2),
             "total": round(time.perf_counter() - t0, 2),
         },
+        "provenance": provenance(started),
     }
     OUT.mkdir(parents=True, exist_ok=True)
     atomic_write_json(OUT / f"{args.name}.json", result)

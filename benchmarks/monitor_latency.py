@@ -1,0 +1,131 @@
+"""Does the extraction monitor stall streams? Token gaps of a stream with the monitor off, on the
+event loop (the old wiring), and in its worker thread (``BackgroundObserver``).
+
+One server at a time serves the model; a streaming client records the arrival time of every
+chunk while ``--clients`` other clients send short requests with distinct prompts (each one
+answered is one observation, embedded with the real all-MiniLM-L6-v2 encoder). The figure of
+merit is the p99 gap between stream chunks, as a ratio to the monitor-off run.
+
+    python benchmarks/monitor_latency.py [--model smollm2-135m-instruct] [--tokens 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import provenance
+
+OUT = Path(__file__).resolve().parent / "results" / "monitor_latency.json"
+
+
+def _run(engine: Any, observer: Any, prompts: list[str], args: argparse.Namespace) -> dict:
+    import httpx
+
+    from potstill.serve.app import ServeSettings, create_app
+    from potstill.serve.background import serve_in_background
+
+    arrivals: list[float] = []
+    stop = threading.Event()
+    served = [0]
+    with serve_in_background(create_app(engine, ServeSettings(observer=observer))) as url:
+
+        def short(offset: int) -> None:
+            with httpx.Client(base_url=url, timeout=120) as c:
+                i = offset
+                while not stop.is_set():
+                    body = {"model": args.model, "prompt": prompts[i % len(prompts)],
+                            "max_tokens": 1}  # fmt: skip
+                    assert c.post("/v1/completions", json=body).status_code == 200
+                    served[0] += 1
+                    i += args.clients
+
+        workers = [threading.Thread(target=short, args=(k,)) for k in range(args.clients)]
+        for w in workers:
+            w.start()
+        body = {"model": args.model, "prompt": "Tell me a long story about a lighthouse.",
+                "max_tokens": args.tokens, "stream": True, "temperature": 0.0}  # fmt: skip
+        t0 = time.perf_counter()
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    arrivals.append(time.perf_counter())
+        seconds = time.perf_counter() - t0
+        stop.set()
+        for w in workers:
+            w.join()
+    gaps = np.diff(np.array(arrivals[1:]))  # from the 2nd chunk: the 1st includes prefill
+    return {
+        "chunks": len(arrivals),
+        "gap_p50_ms": float(np.percentile(gaps, 50) * 1e3),
+        "gap_p99_ms": float(np.percentile(gaps, 99) * 1e3),
+        "gap_max_ms": float(gaps.max() * 1e3),
+        "stream_seconds": seconds,
+        "short_requests_served": served[0],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--tokens", type=int, default=200, help="tokens of the measured stream")
+    ap.add_argument("--clients", type=int, default=2, help="concurrent short-request clients")
+    ap.add_argument("--out", default=str(OUT))
+    args = ap.parse_args(argv)
+    started = time.time()
+    import torch
+
+    from potstill.defend.background import BackgroundObserver
+    from potstill.defend.embed import load_embedder
+    from potstill.defend.monitor import ExtractionMonitor, simulated_calibration
+    from potstill.harvest.prompts import default_prompts
+    from potstill.serve.engine import Engine
+
+    torch.set_num_threads(1)  # the engine and the observer thread each get one core
+    emb = load_embedder("minilm")
+    cal = simulated_calibration(emb, window=50, fpr=0.01, n_windows=200, seed=0)
+    engine = Engine.from_spec(args.model, max_batch=8)
+    prompts = default_prompts(4000)  # distinct: the embedder's cache never answers
+    emb.encode(["warm-up"])
+    runs: dict[str, dict] = {}
+    for mode in ("off", "event_loop", "background"):
+        monitor = ExtractionMonitor(cal, emb)
+        observer = {"off": None, "event_loop": monitor.observe,
+                    "background": BackgroundObserver(monitor.observe)}[mode]  # fmt: skip
+        runs[mode] = _run(engine, observer, prompts[len(runs) * 1300 :], args)
+        r = runs[mode]
+        print(f"{mode:10s} p50 {r['gap_p50_ms']:6.1f} ms  p99 {r['gap_p99_ms']:7.1f} ms  "
+              f"max {r['gap_max_ms']:7.1f} ms  ({r['short_requests_served']} observed)")  # fmt: skip
+    ratio = {m: runs[m]["gap_p99_ms"] / runs["off"]["gap_p99_ms"] for m in runs}
+    result = {
+        "benchmark": "monitor_latency",
+        "settings": {
+            "model": args.model,
+            "stream_tokens": args.tokens,
+            "short_clients": args.clients,
+            "embedder": emb.name,
+            "torch_threads": 1,
+        },
+        "runs": runs,
+        "p99_ratio_event_loop_vs_off": ratio["event_loop"],
+        "p99_ratio_background_vs_off": ratio["background"],
+        "provenance": provenance(started),
+    }
+    tmp = Path(args.out).with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(args.out)
+    print(f"p99 gap vs off: event loop {ratio['event_loop']:.2f}x, "
+          f"background {ratio['background']:.2f}x -> {args.out}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
