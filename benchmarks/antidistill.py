@@ -29,7 +29,7 @@ is free, so outputs have slack). Writes ``benchmarks/results/antidistill.json`` 
    points; temperature at the tau whose teacher accuracy is closest to, not above, that
    (linear interpolation between sweep points when needed, flagged in the JSON).
 5. cost: seconds per generated token of antidistill vs plain sampling, in this batched loop
-   and through ``potstill.serve.engine.Engine`` (per-row ``AntidistillProcessor`` vs none).
+   and through ``potstill.serve.engine.Engine`` (batched ``AntidistillProcessor`` vs none).
 """
 
 from __future__ import annotations
@@ -57,6 +57,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from potstill.defend.antidistill import AntidistillPerturbation, fit_antidistill_grad
 from potstill.evaluate.tasks import TaskExample, accuracy, make_examples, reference_output
 from potstill.io import atomic_write_json
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import provenance
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -534,8 +537,8 @@ def cost_engine(
     s: dict[str, Any], env: dict[str, Any], pert: AntidistillPerturbation, lam: float
 ) -> dict[str, Any]:
     """Seconds per generated token through ``Engine`` in-process: no processors vs the
-    per-row :class:`AntidistillProcessor` (prefix-cached proxies), same prompts and seeds;
-    2 interleaved repeats each (a fresh processor, hence a cold prefix cache, per repeat)."""
+    batched :class:`AntidistillProcessor` (one proxy pass per step for all rows), same prompts
+    and seeds; 2 interleaved repeats each (a fresh processor per repeat)."""
     from potstill.defend.antidistill_serve import AntidistillProcessor
     from potstill.serve.engine import Engine, SamplingParams
 
@@ -551,7 +554,7 @@ def cost_engine(
             for name in runs:
                 procs: tuple[Any, ...] = ()
                 if name == "antidistill":
-                    procs = (AntidistillProcessor(pert, lam, max_entries=4 * s["cost_max_batch"]),)
+                    procs = (AntidistillProcessor(pert, lam),)
                 params = [SamplingParams(max_tokens=s["max_new"], temperature=1.0, seed=i,
                                          processors=procs) for i in range(len(prompts))]  # fmt: skip
                 sec, n = _engine_run(engine, prompts, params)
@@ -780,9 +783,28 @@ def run(s: dict[str, Any], work: Path) -> dict[str, Any]:
     }
 
 
+def run_cost(s: dict[str, Any], work: Path, bias: float) -> dict[str, Any]:
+    """Only the cost part: the same teacher, proxy and perturbation as a full run, then the
+    batched-loop and engine cost at lambda = bias / sigma_delta."""
+    t0 = time.perf_counter()
+    env = build_env(s, work)
+    lam = bias / env["info"]["delta"]["sigma_delta"]
+    cost = {"lambda": lam, "bias": bias, "batched_loop": cost_batched(s, env, env["pert"], lam),
+            "engine": cost_engine(s, env, env["pert"], lam)}  # fmt: skip
+    out = {"cost": cost, "batched_ratio": cost["batched_loop"]["ratio"],
+           "server_cost_per_token_ratio": cost["engine"]["ratio"],
+           "seconds": time.perf_counter() - t0}  # fmt: skip
+    log(
+        f"cost: batched {out['batched_ratio']:.2f}x, engine {out['server_cost_per_token_ratio']:.2f}x"
+    )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run (< 3 min)")
+    ap.add_argument("--cost-only", type=float, default=None, metavar="BIAS",
+                    help="measure only the per-token cost at bias=BIAS (writes antidistill_cost.json)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=RESULTS / "antidistill.json")
     ap.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
                     help="override a setting (JSON value), e.g. --set student_steps=400")  # fmt: skip
@@ -795,6 +817,20 @@ def main(argv: list[str] | None = None) -> int:
         s[name] = json.loads(value)
     torch.set_num_threads(s["threads"])
     t0 = time.perf_counter()
+    if args.cost_only is not None:
+        started = time.time()
+        with tempfile.TemporaryDirectory(prefix="potstill-antidistill-") as tmp:
+            res = run_cost(s, Path(tmp), args.cost_only)
+        res["settings"] = {**s, "quick": args.quick, "tokenizer": TOKENIZER}
+        res["provenance"] = provenance(started)
+        out = (
+            args.out
+            if args.out != RESULTS / "antidistill.json"
+            else RESULTS / "antidistill_cost.json"
+        )
+        atomic_write_json(out, finite_or_none(res))
+        log(f"wrote {out}")
+        return 0
     with tempfile.TemporaryDirectory(prefix="potstill-antidistill-") as tmp:
         res = run(s, Path(tmp))
     res["settings"] = {**s, "quick": args.quick, "tokenizer": TOKENIZER,

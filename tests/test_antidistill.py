@@ -41,6 +41,7 @@ from potstill.errors import PotstillError  # noqa: E402
 from potstill.serve.app import ServeSettings, create_app  # noqa: E402
 from potstill.serve.background import serve_in_background  # noqa: E402
 from potstill.serve.engine import Engine  # noqa: E402
+from potstill.serve.sampling import DecodeRows  # noqa: E402
 from potstill.serve.watermarking import watermark_processors  # noqa: E402
 from potstill.teachers import load_model, tokenizer_fingerprint  # noqa: E402
 from potstill.watermark.detect import detect_text  # noqa: E402
@@ -184,38 +185,48 @@ def test_incremental_left_padded_batch_equals_uncached(pert: AntidistillPerturba
     assert worst < 5e-5, worst
 
 
-def test_processor_caches_prefixes_and_rows_do_not_interfere(
+def test_batched_processor_equals_uncached_as_rows_join_and_leave(
     pert: AntidistillPerturbation,
 ) -> None:
-    """Two rows of one request (same prompt) decode 20 different tokens, interleaved as the
-    engine calls them; every step equals the uncached perturbation."""
-    proc = AntidistillProcessor(pert, 2.0, max_entries=8)
+    """The engine's pattern: rows of different lengths join at different steps (two share a
+    prompt), advance one token per step, leave; one call per step covers all live rows, and
+    every row's output equals logits + lam * delta of its own context computed alone."""
+    proc = AntidistillProcessor(pert, 2.0)
     gen = torch.Generator().manual_seed(5)
     prompt = torch.randint(0, 256, (6,), generator=gen).tolist()
-    rows = [list(prompt), list(prompt)]
+    contexts: dict[int, list[int]] = {}
+    joins = {0: [(0, list(prompt)), (1, list(prompt))], 3: [(2, [7, 8, 9])], 6: [(3, [1] * 11)]}
+    leaves = {5: [0], 9: [2]}
     worst = 0.0
-    for _ in range(21):
-        for r in range(2):
-            logits = torch.randn(REAL_VOCAB, generator=gen)
-            out = proc(torch.tensor(rows[r]), logits)
-            ref = logits + 2.0 * _uncached(pert, rows[r])[:REAL_VOCAB]
-            worst = max(worst, float((out - ref).abs().max()))
-            rows[r].append(int(torch.randint(0, 256, (), generator=gen)))
+    for step in range(12):
+        for key, ctx in joins.get(step, []):
+            contexts[key] = ctx
+        for key in leaves.get(step, []):
+            del contexts[key]
+        keys = tuple(sorted(contexts))
+        rows = DecodeRows(keys, tuple(list(contexts[k]) for k in keys), (1.0,) * len(keys))
+        logits = torch.randn(len(keys), REAL_VOCAB, generator=gen)
+        out = proc(rows, logits)
+        for r, k in enumerate(keys):
+            ref = logits[r] + 2.0 * _uncached(pert, contexts[k])[:REAL_VOCAB]
+            worst = max(worst, float((out[r] - ref).abs().max()))
+            contexts[k].append(int(torch.randint(0, 256, (), generator=gen)))
     assert worst < 1e-4, worst
-    assert rows[0] != rows[1]
-    # One prefill (the prompt), the sibling's first step is a hit, then one token per step.
-    assert proc.stats == {"hits": 1, "extends": 40, "prefills": 1}
-    tiny_lru = AntidistillProcessor(pert, 2.0, max_entries=1)  # evicts: slower, still right
-    for r in range(2):
-        for t in (6, 7, 8):
-            got = tiny_lru.delta(torch.tensor(rows[r][:t]))
-            assert float((got - _uncached(pert, rows[r][:t])).abs().max()) < 5e-5
+    assert contexts[1][:6] == prompt and contexts[1] != contexts[3]
+    # each row prefilled once, when it joined; every later step one batched pass
+    assert proc.stats == {"steps": 11, "prefilled_rows": 4}
+    # a repeated call (the engine's retry after a failure) re-prefills and stays right
+    keys = tuple(sorted(contexts))
+    rows = DecodeRows(keys, tuple(list(contexts[k]) for k in keys), (1.0,) * len(keys))
+    zero = torch.zeros(len(keys), REAL_VOCAB)
+    first, again = proc(rows, zero), proc(rows, zero)
+    assert torch.allclose(first, again, atol=1e-5)
 
 
 def test_lambda_zero_is_the_identity() -> None:
     proc = AntidistillProcessor(None, 0.0)
-    logits = torch.randn(REAL_VOCAB)
-    assert proc(torch.tensor([1, 2, 3]), logits) is logits
+    logits = torch.randn(1, REAL_VOCAB)
+    assert proc(DecodeRows.one([1, 2, 3]), logits) is logits
     with pytest.raises(PotstillError, match="lambda"):
         AntidistillProcessor(None, -1.0)
 
@@ -381,7 +392,7 @@ def test_serve_cli_composes_and_records_metadata(
     argv += ["--antidistill", f"proxy={fit_dir},lambda=0.5,eps=0.01"]
     assert main([*argv, "--watermark", "kgw", "--watermark-key-file", str(key_file)]) == 0
     chain = seen["s"].processors({"temperature": 1.0})
-    assert [type(p).__name__ for p in chain] == ["AntidistillProcessor", "_KGWRow"]
+    assert [type(p).__name__ for p in chain] == ["AntidistillProcessor", "ServedKGW"]
     meta = json.loads(meta_path.read_text())
     fit_meta = json.loads((fit_dir / META_FILE).read_text())
     assert meta["antidistill"] == {
@@ -469,9 +480,9 @@ def test_delta_sigma_matches_the_exact_directional_derivative(
 def _ascii_only(rec: dict[str, Any]) -> list[Any]:
     """Test guard: ASCII bytes only (no eos), so texts are long and re-encode to the same ids."""
 
-    def proc(ids: Any, logits: Any) -> Any:
+    def proc(rows: Any, logits: Any) -> Any:
         out = logits.clone()
-        out[128:] = float("-inf")
+        out[:, 128:] = float("-inf")
         return out
 
     return [proc]

@@ -58,9 +58,9 @@ def _max_stream_gap(observer_of: Callable[[ExtractionMonitor], Any]) -> tuple[fl
     model, tok = load_model(MODEL)
     ends = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
 
-    def no_end(ids: Any, logits: Any) -> Any:  # a random model would stop early
+    def no_end(rows: Any, logits: Any) -> Any:  # a random model would stop early
         logits = logits.clone()
-        logits[ends] = float("-inf")
+        logits[:, ends] = float("-inf")
         return logits
 
     settings = ServeSettings(observer=observer_of(monitor), processors=lambda rec: [no_end])

@@ -40,7 +40,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, tiny: tuple[Any, Any]) -> I
 
     def processors(rec: dict) -> list:
         # The logits-processor hook; seed 666 gets a processor that raises (worker isolation).
-        def boom(ids: Any, logits: Any) -> Any:
+        def boom(rows: Any, logits: Any) -> Any:
             raise RuntimeError("processor exploded")
 
         return [boom] if rec.get("seed") == 666 else []

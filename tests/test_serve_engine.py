@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("fastapi")
 
 from potstill.serve.auth import KeyRing, RateLimiter, key_id  # noqa: E402
-from potstill.serve.engine import Engine, Event, SamplingParams  # noqa: E402
+from potstill.serve.engine import Engine, Event, RequestGroup, SamplingParams  # noqa: E402
 from potstill.serve.protocol import APIError  # noqa: E402
 from potstill.serve.sampling import (  # noqa: E402
     TokenText,
@@ -161,13 +161,13 @@ def test_processor_hook_runs_and_failure_is_isolated() -> None:
     try:
         seen: list[int] = []
 
-        def force_a(ids: Any, logits: Any) -> Any:
-            seen.append(int(ids.shape[0]))
+        def force_a(rows: Any, logits: Any) -> Any:
+            seen.extend(len(c) for c in rows.contexts)
             out = torch.full_like(logits, -1e9)
-            out[ord("a")] = 0.0
+            out[:, ord("a")] = 0.0
             return out
 
-        def boom(ids: Any, logits: Any) -> Any:
+        def boom(rows: Any, logits: Any) -> Any:
             raise ValueError("bad processor")
 
         p = tok("hi").input_ids
@@ -184,6 +184,41 @@ def test_processor_hook_runs_and_failure_is_isolated() -> None:
         assert engine.health()["worker_alive"]
     finally:
         engine.stop()
+
+
+def test_a_shared_processor_sees_the_whole_batch_once_per_step() -> None:
+    """One processor object shared by three requests is called once per decode step with
+    all their rows (stable keys, full contexts); a row it fails on is failed alone."""
+    model, tok = load_model("tiny:0")
+    engine = Engine(model, tok, model_name="tiny:0", max_batch=4)
+    calls: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    bad = tok("bad!").input_ids
+    ends = sorted(engine.stop_ids)
+
+    def shared(rows: Any, logits: Any) -> Any:
+        if any(list(c[: len(bad)]) == bad for c in rows.contexts):
+            raise ValueError("this row is bad")
+        calls.append((rows.keys, tuple(len(c) for c in rows.contexts)))
+        out = logits.clone()
+        out[:, ends] = float("-inf")  # all 5 tokens, whatever the random model prefers
+        return out
+
+    prompts = [tok("one").input_ids, tok("three").input_ids, bad]
+    sp = SamplingParams(max_tokens=5, temperature=0.0, processors=(shared,))
+    with torch.inference_mode():
+        events, _done, sink_for = _sinks(3)
+        groups = [RequestGroup(p, sp, [0], sink_for(j)) for j, p in enumerate(prompts)]
+        engine._admit(groups)
+        while engine._rows:
+            engine._decode_step()
+    assert events[2][-1].error and "this row is bad" in events[2][-1].error
+    assert [e[-1].finish_reason for e in events[:2]] == ["length", "length"]
+    # The first call (at admission) had the bad row in it: it raised, and each row was
+    # retried alone; then one call per decode step covers both good rows.
+    assert [c[1] for c in calls[:2]] == [(3,), (5,)]
+    batched = calls[2:]
+    assert [c[1] for c in batched] == [(3 + t, 5 + t) for t in range(1, 5)]  # contexts grow
+    assert {c[0] for c in batched} == {(calls[0][0][0], calls[1][0][0])}  # stable row keys
 
 
 def test_sample_batch_equals_per_row_sampling() -> None:
@@ -223,7 +258,7 @@ def test_failed_merge_answers_every_row_and_keeps_serving(monkeypatch: pytest.Mo
     monkeypatch.setattr(Engine, "_merge", flaky_merge)
     started, release = threading.Event(), threading.Event()
 
-    def gate_first(ids: Any, logits: Any) -> Any:
+    def gate_first(rows: Any, logits: Any) -> Any:
         # Hold the first request's decode step until the second is queued: the second then
         # joins a running batch at the next step, every time (no timing involved).
         started.set()

@@ -43,9 +43,9 @@ def _generate(params: WatermarkParams | None, temperature: float, seeds: range) 
         prompt = tok.encode("The watermark test: ")
         ends = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
 
-        def no_end(ids: Any, logits: Any) -> Any:  # long texts from a random model
+        def no_end(rows: Any, logits: Any) -> Any:  # long texts from a random model
             logits = logits.clone()
-            logits[ends] = float("-inf")
+            logits[:, ends] = float("-inf")
             return logits
 
         for s in seeds:

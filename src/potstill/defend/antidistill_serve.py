@@ -1,18 +1,17 @@
-"""Antidistillation on the server: a per-row logits processor and ``serve --antidistill``.
+"""Antidistillation on the server: a batched logits processor and ``serve --antidistill``.
 
-The engine calls a request's processors once per decode step per row with the row's whole
-context so far (``ids [T]``: prompt + generated) and its fp32 logits ``[V]``, BEFORE
+The engine calls the processor once per decode step with all of its rows (``DecodeRows``:
+stable row keys and contexts, prompt + generated) and their fp32 logits ``[B, V]``, BEFORE
 temperature and top-p (like KGW's delta). :class:`AntidistillProcessor` returns
-``logits + lam * delta(ids)``, so at temperature ``tau`` the effective bias on the sampled
-distribution is ``lam * delta / tau``. Reported logprobs are the model's raw ones (the
-engine never reports processed logits); only the sampled tokens carry the defence.
+``logits + lam * delta(context)`` per row, so at temperature ``tau`` the effective bias on the
+sampled distribution is ``lam * delta / tau``.
 
-Cost: two proxy forward passes of ONE token per step. A bounded LRU keyed by the token
-prefix (its int64 bytes) keeps both proxies' KV state; a call with ``ids[:T]`` extends the
-entry of ``ids[:T-1]`` by one token, and an exact hit (the ``n`` rows of one request at
-their first step share the prompt) costs nothing. Entries are never mutated: a fresh cache
-object is built over an entry's tensors before each extension (HF's dynamic layers append
-with ``torch.cat``, which allocates), so rows sharing a prefix cannot corrupt each other.
+Cost: two proxy forward passes of ONE token per step for the whole batch. The processor keeps
+its own left-padded batch of both proxies' KV caches, mirroring the engine's rows by key
+(:class:`_ProxyBatch`): a row seen at the previous step with one more token is advanced in
+that batched pass; a new row (or one whose context changed otherwise) is prefilled, together
+with the other new rows, and merged in; rows the engine dropped are dropped at the next call.
+Memory is therefore bounded by the engine's batch, not by a cache of past prefixes.
 
 Order on the server: antidistill FIRST, then the watermark, so that the watermark is
 applied last (Gumbel must see the final distribution, KGW stays detectable).
@@ -20,11 +19,9 @@ applied last (Gumbel must see the final distribution, KGW stays detectable).
 
 from __future__ import annotations
 
-import collections
-import copy
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +33,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from potstill.defend.antidistill import AntidistillFit, AntidistillPerturbation
+    from potstill.serve.sampling import DecodeRows, LogitsProcessor
 
 __all__ = [
     "AntidistillProcessor",
@@ -46,112 +44,161 @@ __all__ = [
     "parse_antidistill_arg",
 ]
 
-Processor = Callable[["Tensor", "Tensor"], "Tensor"]
-Builder = Callable[[dict[str, Any]], list[Processor]]
+Builder = Callable[[dict[str, Any]], list["LogitsProcessor"]]
 
 
-def _fork_cache(cache: Any, config: Any) -> Any:
-    """A cache object over the same state as ``cache`` that a forward pass may extend without
-    touching ``cache``: zero-copy for plain dynamic layers (they extend by ``torch.cat``),
-    a deep copy for any other layer type (sliding windows etc. may write in place)."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
+class _ProxyBatch:
+    """Both proxies' KV caches for a set of rows, left-padded into one batch.
 
-    new = DynamicCache(config=config)
-    layers: list[Any] = list(cache.layers)
-    fresh: list[Any] = list(new.layers)
-    if len(layers) != len(fresh) or not all(
-        type(a) is DynamicLayer and type(b) is DynamicLayer for a, b in zip(layers, fresh)
-    ):
-        return copy.deepcopy(cache)
-    for src, dst in zip(layers, fresh):
-        if src.is_initialized:
-            dst.lazy_initialization(src.keys, src.values)
-            dst.keys, dst.values = src.keys, src.values
-    return new
+    ``keys[i]`` / ``lengths[i]``: the row held in batch slot ``i`` and how many of its context
+    tokens the caches cover; ``deltas[i]``: its delta after those tokens ``[V]``.
+    """
 
+    def __init__(self, pert: AntidistillPerturbation) -> None:
+        self.pert = pert
+        self.keys: list[int] = []
+        self.lengths: list[int] = []
+        self.deltas: Tensor | None = None
+        self.mask: Tensor | None = None  # [B, L] long
+        self.past: tuple[Any, Any] | None = None
+        self.stats = {"steps": 0, "prefilled_rows": 0}
 
-@dataclass
-class _Entry:
-    past: tuple[Any, Any]  # (plus, minus) caches after the prefix; never extended in place
-    delta: Tensor  # [V_proxy] fp32 at the prefix's last position
+    def _select(self, slots: list[int]) -> None:
+        """Keep batch slots ``slots`` (in that order); trim all-padding leading columns."""
+        import torch
+
+        if not slots:
+            self.keys, self.lengths, self.deltas, self.mask, self.past = [], [], None, None, None
+            return
+        assert self.mask is not None and self.past is not None and self.deltas is not None
+        idx = torch.tensor(slots, device=self.mask.device)
+        mask = self.mask.index_select(0, idx)
+        lead = int((mask.cumsum(-1) == 0).sum(-1).min())
+        self.mask = mask[:, lead:]
+        for cache in self.past:
+            for ly in cache.layers:
+                ly.keys = ly.keys.index_select(0, idx)[:, :, lead:]
+                ly.values = ly.values.index_select(0, idx)[:, :, lead:]
+        self.deltas = self.deltas.index_select(0, idx)
+        self.keys = [self.keys[i] for i in slots]
+        self.lengths = [self.lengths[i] for i in slots]
+
+    def _step(self, tokens: list[int]) -> None:
+        """Advance every held row by one token (``tokens[i]`` for slot ``i``)."""
+        import torch
+
+        assert self.mask is not None
+        dev = self.mask.device
+        self.mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        ids = torch.tensor(tokens, dtype=torch.long, device=dev)[:, None]
+        self.deltas, self.past = self.pert(ids, self.mask, self.past)
+        self.lengths = [n + 1 for n in self.lengths]
+        self.stats["steps"] += 1
+
+    def _add(self, keys: list[int], contexts: list[Sequence[int]]) -> None:
+        """Prefill new rows together (left-padded) and append them to the batch."""
+        import torch
+        import torch.nn.functional as F
+
+        width = max(len(c) for c in contexts)
+        ids = torch.zeros((len(contexts), width), dtype=torch.long)
+        mask = torch.zeros((len(contexts), width), dtype=torch.long)
+        for r, c in enumerate(contexts):
+            ids[r, width - len(c) :] = torch.tensor(list(c), dtype=torch.long)
+            mask[r, width - len(c) :] = 1
+        dev = self.pert.device
+        deltas, past = self.pert(ids.to(dev), mask.to(dev))
+        mask = mask.to(dev)
+        if self.mask is None or self.past is None or self.deltas is None:
+            self.mask, self.past, self.deltas = mask, past, deltas
+        else:
+            old, new = self.mask.shape[1], mask.shape[1]
+            pad_old, pad_new = max(old, new) - old, max(old, new) - new
+            self.mask = torch.cat([F.pad(self.mask, (pad_old, 0)), F.pad(mask, (pad_new, 0))])
+            for held, fresh in zip(self.past, past):
+                for a, b in zip(held.layers, fresh.layers):
+                    a.keys = torch.cat(
+                        [F.pad(a.keys, (0, 0, pad_old, 0)), F.pad(b.keys, (0, 0, pad_new, 0))]
+                    )
+                    a.values = torch.cat(
+                        [F.pad(a.values, (0, 0, pad_old, 0)), F.pad(b.values, (0, 0, pad_new, 0))]
+                    )
+            self.deltas = torch.cat([self.deltas, deltas])
+        self.keys += keys
+        self.lengths += [len(c) for c in contexts]
+        self.stats["prefilled_rows"] += len(keys)
+
+    def sync(self, rows: DecodeRows) -> Tensor:
+        """``delta [B, V]`` for ``rows`` (in their order), the caches brought up to date.
+
+        A row one token ahead of its cache is stepped (all such rows in one pass); any other
+        row (new, or repeated after a failed call) is prefilled; rows the engine dropped are
+        dropped. After an error the batch is emptied, so the next call starts clean.
+        """
+        import torch
+
+        try:
+            slot = {k: i for i, k in enumerate(self.keys)}
+            ahead, fresh = [], []
+            for r, (k, ctx) in enumerate(zip(rows.keys, rows.contexts)):
+                i = slot.get(k)
+                (ahead if i is not None and len(ctx) == self.lengths[i] + 1 else fresh).append(r)
+            self._select([slot[rows.keys[r]] for r in ahead])
+            if ahead:
+                self._step([int(rows.contexts[r][-1]) for r in ahead])
+            if fresh:
+                self._add([rows.keys[r] for r in fresh], [rows.contexts[r] for r in fresh])
+            assert self.deltas is not None
+            order = {k: i for i, k in enumerate(self.keys)}
+            index = torch.tensor([order[k] for k in rows.keys], device=self.deltas.device)
+            return self.deltas.index_select(0, index)
+        except BaseException:
+            self._select([])
+            raise
 
 
 class AntidistillProcessor:
-    """Per-row processor ``(ids [T] long, logits [V] fp32) -> logits + lam * delta [V]``.
+    """Batched processor ``(rows, logits [B, V] fp32) -> logits + lam * delta [B, V]``.
 
     ``perturbation`` may be None only when ``lam == 0``; with ``lam == 0`` the input
-    ``logits`` object is returned as is (bit-identical) and no proxy runs. ``max_entries``
-    bounds the prefix cache (each entry holds both proxies' KV for its prefix); after an
-    extension the parent entry is moved to the eviction end, so it stays available to
-    sibling rows in the same decode step while not crowding out live rows. Keep
-    ``max_entries >= 2 * concurrent rows``. Thread-safe (one lock).
-    ``stats``: ``hits`` (exact prefix), ``extends`` (one new token), ``prefills`` (full).
+    ``logits`` object is returned as is (bit-identical) and no proxy runs. Thread-safe (one
+    lock). ``stats``: ``steps`` (batched one-token passes), ``prefilled_rows``.
     """
 
-    def __init__(
-        self, perturbation: AntidistillPerturbation | None, lam: float, *, max_entries: int = 64
-    ) -> None:
+    def __init__(self, perturbation: AntidistillPerturbation | None, lam: float) -> None:
         if not (math.isfinite(lam) and lam >= 0):
             raise PotstillError(f"antidistill lambda must be a finite number >= 0, got {lam}")
         if perturbation is None and lam != 0:
             raise ValueError("a perturbation is needed when lam != 0")
-        if max_entries < 1:
-            raise ValueError(f"max_entries must be >= 1, got {max_entries}")
-        self.perturbation, self.lam, self.max_entries = perturbation, float(lam), max_entries
-        self._lru: collections.OrderedDict[bytes, _Entry] = collections.OrderedDict()
+        self.perturbation, self.lam = perturbation, float(lam)
+        self._batch = _ProxyBatch(perturbation) if perturbation is not None else None
         self._lock = threading.Lock()
-        self.stats = {"hits": 0, "extends": 0, "prefills": 0}
 
-    def __call__(self, ids: Tensor, logits: Tensor) -> Tensor:
+    def __call__(self, rows: DecodeRows, scores: Tensor) -> Tensor:
         if self.lam == 0:
-            return logits
-        delta = self.delta(ids, vocab_size=int(logits.shape[-1]))
-        return logits + self.lam * delta.to(device=logits.device, dtype=logits.dtype)
+            return scores
+        delta = self.deltas(rows, vocab_size=int(scores.shape[-1]))
+        return scores + self.lam * delta.to(device=scores.device, dtype=scores.dtype)
 
-    def delta(self, ids: Tensor, *, vocab_size: int | None = None) -> Tensor:
-        """``delta [vocab_size]`` fp32 for the context ``ids [T]`` (cached by prefix)."""
-        import torch
-
-        pert = self.perturbation
-        if pert is None:
+    def deltas(self, rows: DecodeRows, *, vocab_size: int | None = None) -> Tensor:
+        """``delta [B, vocab_size]`` fp32 for ``rows``' contexts."""
+        if self._batch is None:
             raise ValueError("this processor has no perturbation (lam == 0)")
-        if ids.dim() != 1 or ids.shape[0] < 1:
-            raise ValueError(f"ids must be [T] with T >= 1, got {tuple(ids.shape)}")
-        key = ids.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()
+        if any(len(c) < 1 for c in rows.contexts):
+            raise ValueError("every row needs at least one context token")
         with self._lock:
-            entry = self._lru.get(key)
-            if entry is not None:
-                self._lru.move_to_end(key)
-                self.stats["hits"] += 1
-            else:
-                entry = self._compute(key, ids, pert)
-        return entry.delta[:vocab_size] if vocab_size is not None else entry.delta
+            d = self._batch.sync(rows)
+        return d[:, :vocab_size] if vocab_size is not None else d
 
-    def _compute(self, key: bytes, ids: Tensor, pert: AntidistillPerturbation) -> _Entry:
-        parent_key = key[:-8]
-        parent = self._lru.get(parent_key) if parent_key else None
-        if parent is not None:
-            past = (
-                _fork_cache(parent.past[0], pert.plus.config),
-                _fork_cache(parent.past[1], pert.minus.config),
-            )
-            delta, past = pert(ids[-1:].reshape(1, 1), past=past)
-            self._lru.move_to_end(parent_key, last=False)  # evict the parent first
-            self.stats["extends"] += 1
-        else:
-            delta, past = pert(ids.reshape(1, -1))
-            self.stats["prefills"] += 1
-        entry = _Entry(past, delta[0])
-        self._lru[key] = entry
-        while len(self._lru) > self.max_entries:
-            self._lru.popitem(last=False)
-        return entry
+    @property
+    def stats(self) -> dict[str, int]:
+        return dict(self._batch.stats) if self._batch is not None else {}
 
     def clear(self) -> None:
-        """Drop every cached prefix."""
+        """Drop every held row (the next call prefills)."""
         with self._lock:
-            self._lru.clear()
+            if self._batch is not None:
+                self._batch = _ProxyBatch(self._batch.pert)
 
 
 def antidistill_processors(
@@ -161,12 +208,10 @@ def antidistill_processors(
     device: Any = "cpu",
     *,
     proxy: PreTrainedModel | None = None,
-    max_entries: int = 64,
 ) -> Builder:
     """A builder for ``ServeSettings.processors``: request record -> ``[processor]``.
 
-    One processor (and one prefix cache) is shared by all requests, so requests with the
-    same prompt share their prefill. ``proxy``: the proxy model (default: loaded from
+    One processor (and one batch of proxy caches) is shared by all requests. ``proxy``: the proxy model (default: loaded from
     ``fit.proxy_spec``); with ``lam == 0`` no proxy is loaded at all.
     """
     from potstill.defend.antidistill import AntidistillPerturbation
@@ -183,7 +228,7 @@ def antidistill_processors(
 
             proxy, _ = load_model(fit.proxy_spec)
         pert = AntidistillPerturbation(proxy, fit.grads, eps, device=device)
-        proc = AntidistillProcessor(pert, lam, max_entries=max_entries)
+        proc = AntidistillProcessor(pert, lam)
     return lambda rec: [proc]
 
 
@@ -194,7 +239,7 @@ def compose_processor_builders(*builders: Builder | None) -> Builder | None:
     if not live:
         return None
 
-    def build(rec: dict[str, Any]) -> list[Processor]:
+    def build(rec: dict[str, Any]) -> list[LogitsProcessor]:
         return [p for b in live for p in b(rec)]
 
     return build

@@ -40,6 +40,7 @@ import collections
 import contextlib
 import copy
 import inspect
+import itertools
 import secrets
 import threading
 import time
@@ -48,6 +49,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from potstill.serve.sampling import (
+    DecodeRows,
     LogitsProcessor,
     TokenText,
     apply_processors,
@@ -161,6 +163,7 @@ class _Row:
     group: RequestGroup
     index: int
     generator: torch.Generator
+    key: int = 0  # unique for the engine's life: what batched processors key their state on
     ids: list[int] = field(default_factory=list)  # generated, stop token excluded
     n_sampled: int = 0  # tokens sampled, stop token included
     text: str = ""
@@ -197,6 +200,7 @@ class Engine:
         self.token_text = TokenText(self._tok)
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._row_keys = itertools.count()
         self.stats = EngineStats()
         self._pending: collections.deque[RequestGroup] = collections.deque()
         self._cv = threading.Condition()
@@ -370,7 +374,7 @@ class Engine:
         gen = torch.Generator(device="cpu")
         seed = group.params.seed
         gen.manual_seed(seed + index if seed is not None else secrets.randbits(63))
-        return _Row(group=group, index=index, generator=gen)
+        return _Row(group=group, index=index, generator=gen, key=next(self._row_keys))
 
     def _echo_prefill(
         self, groups: list[RequestGroup], echo_rows: list[int], ids: Tensor, mask: Tensor,
@@ -500,25 +504,21 @@ class Engine:
     # ----------------------------------------------------------------- per-row sampling
     def _advance_all(self, rows: list[_Row], logits: Tensor) -> None:
         """Sample the next token of every row from ``logits [B, V]`` (fp32, CPU), then
-        update each row and send its event. Processors run per row; an exception in one
-        row's processors or bookkeeping fails that row only."""
+        update each row and send its event. Each distinct processor chain runs once, over all
+        rows that use it (:meth:`_process`); a row whose processors or bookkeeping fail is
+        failed alone."""
         import torch
 
         live = list(range(len(rows)))
         processed = logits
         if any(row.group.params.processors for row in rows):
             processed = logits.clone()
+            chains: dict[tuple[int, ...], list[int]] = {}
             for i, row in enumerate(rows):
-                if not row.group.params.processors:
-                    continue
-                try:
-                    ctx = torch.tensor(row.group.prompt_ids + row.ids, dtype=torch.long)
-                    processed[i] = apply_processors(
-                        row.group.params.processors, ctx, logits[i].clone()
-                    )
-                except Exception as exc:
-                    self._send_error(row.group, row.index, f"logits processor failed: {exc!r}")
-                    row.done = True
+                if row.group.params.processors:
+                    chains.setdefault(tuple(map(id, row.group.params.processors)), []).append(i)
+            for idx in chains.values():
+                for i in self._process([rows[i] for i in idx], idx, logits, processed):
                     live.remove(i)
         if not live:
             return
@@ -545,6 +545,35 @@ class Engine:
             except Exception as exc:
                 self._send_error(rows[i].group, rows[i].index, f"sampling failed: {exc!r}")
                 rows[i].done = True
+
+    def _process(
+        self, rows: list[_Row], idx: list[int], logits: Tensor, processed: Tensor
+    ) -> list[int]:
+        """Run the chain that ``rows`` (batch rows ``idx``) share over them at once, writing
+        ``processed[idx]``; returns the batch rows that failed. When the batched call raises,
+        each row is retried alone, so one bad row cannot fail the others."""
+        chain = rows[0].group.params.processors
+
+        def view(rs: list[_Row]) -> DecodeRows:
+            return DecodeRows(
+                tuple(r.key for r in rs),
+                tuple(r.group.prompt_ids + r.ids for r in rs),
+                tuple(r.group.params.temperature for r in rs),
+            )
+
+        try:
+            processed[idx] = apply_processors(chain, view(rows), logits[idx])
+            return []
+        except Exception:
+            failed = []
+            for row, i in zip(rows, idx):
+                try:
+                    processed[i] = apply_processors(chain, view([row]), logits[i : i + 1])[0]
+                except Exception as exc:
+                    self._send_error(row.group, row.index, f"logits processor failed: {exc!r}")
+                    row.done = True
+                    failed.append(i)
+            return failed
 
     def _advance(
         self, row: _Row, tid: int, logprob: tuple[float, list[tuple[int, float]]] | None

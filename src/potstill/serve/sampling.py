@@ -1,9 +1,12 @@
 """Pure pieces of the serving sampler: next-token choice, logprobs, stop strings, token text.
 
-The sampler for one sequence is ``logits -> processors(input_ids, logits) -> temperature /
-top-p -> sample``. Reported logprobs are NOT taken from that chain: they are the
-log-softmax of the model's raw logits (temperature 1, no processor, no top-p), over the
-tokenizer's real vocabulary, which is what a distiller wants to match.
+The sampler for a batch is ``logits [B, V] -> processors(rows, logits) -> temperature /
+top-p -> sample``. A processor (:class:`LogitsProcessor`) is built once, at server start, and
+called once per decode step with every row that uses it: ``rows`` (:class:`DecodeRows`: each
+row's stable key, its context ids and temperature) and ``scores [B, V]`` fp32, returning new
+``[B, V]`` scores. Seeing the whole batch lets a processor batch its own work (the
+antidistillation proxies run one forward pass per step for all rows, not one per row).
+Which logprobs are reported (raw or after the processors) is the engine's choice.
 
 Padded vocabularies: checkpoints often have more logits than tokens (tiny models: 320
 logits, 260 tokens). Rows past ``len(tokenizer)`` can never be decoded, so both sampling
@@ -13,8 +16,9 @@ and logprobs use only the first ``vocab_size`` logits (see :func:`real_vocab_siz
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     import torch
@@ -22,6 +26,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
+    "DecodeRows",
     "LogitsProcessor",
     "TokenText",
     "apply_processors",
@@ -34,9 +39,55 @@ __all__ = [
     "top_logprobs",
 ]
 
-# (input_ids [L] int64: prompt + generated so far, logits [V] fp32) -> logits [V].
-# Later issues plug watermarking / antidistillation in here; the chain is empty today.
-LogitsProcessor = Callable[["Tensor", "Tensor"], "Tensor"]
+
+@dataclass(frozen=True)
+class DecodeRows:
+    """The rows one processor call covers, in the order of the ``scores`` rows.
+
+    ``keys``: a per-row id, stable for the row's whole life and never reused by the engine
+    (processors that keep per-row state, like KV caches, key it on this). ``contexts``: the
+    row's prompt + generated token ids. ``temperatures``: the row's sampling temperature.
+    """
+
+    keys: tuple[int, ...]
+    contexts: tuple[Sequence[int], ...]
+    temperatures: tuple[float, ...]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def select(self, index: Sequence[int]) -> DecodeRows:
+        """The rows ``index`` (in that order)."""
+        return DecodeRows(
+            tuple(self.keys[i] for i in index),
+            tuple(self.contexts[i] for i in index),
+            tuple(self.temperatures[i] for i in index),
+        )
+
+    def tails(self, k: int, rows: Sequence[int] | None = None) -> tuple[Tensor, list[int]]:
+        """``(last k ids [b, k] int64, their row indices)`` over ``rows`` (default: all) that
+        have at least ``k`` tokens of context."""
+        import torch
+
+        idx = [
+            i for i in (range(len(self)) if rows is None else rows) if len(self.contexts[i]) >= k
+        ]
+        tails = [list(self.contexts[i][len(self.contexts[i]) - k :]) for i in idx]
+        return torch.tensor(tails, dtype=torch.long).reshape(len(idx), k), idx
+
+    @classmethod
+    def one(cls, context: Sequence[int], temperature: float = 1.0, key: int = 0) -> DecodeRows:
+        """A single row (tools and tests)."""
+        return cls((key,), (list(context),), (float(temperature),))
+
+
+class LogitsProcessor(Protocol):
+    """Called once per decode step: ``(rows, scores [B, V] fp32) -> scores [B, V]``.
+
+    Must not change ``scores`` in place (the engine may keep the unprocessed logits).
+    """
+
+    def __call__(self, rows: DecodeRows, scores: Tensor) -> Tensor: ...
 
 
 def real_vocab_size(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
@@ -66,12 +117,12 @@ def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
 
 
 def apply_processors(
-    processors: Sequence[LogitsProcessor], input_ids: Tensor, logits: Tensor
+    processors: Sequence[LogitsProcessor], rows: DecodeRows, scores: Tensor
 ) -> Tensor:
-    """Run the per-request processor chain in order; ``logits [V]`` fp32 in, ``[V]`` out."""
+    """Run a processor chain in order; ``scores [B, V]`` fp32 in, ``[B, V]`` out."""
     for proc in processors:
-        logits = proc(input_ids, logits)
-    return logits
+        scores = proc(rows, scores)
+    return scores
 
 
 def sample_token(

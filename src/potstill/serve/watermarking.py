@@ -1,13 +1,14 @@
-"""Keyed output watermarks on the server: per-request logits processors + audit metadata.
+"""Keyed output watermarks on the server: batched logits processors + audit metadata.
 
-The engine applies a request's processors to one row at a time (``ids [T]``,
-``logits [V]``) *before* temperature and top-p. KGW adds ``delta`` to the green
-logits there (so at temperature T the effective bias is delta / T, as in
-transformers' ``generate``). Gumbel/Aaronson sampling must see the distribution
-actually sampled from, so its adapter applies the request's temperature itself
-and returns a one-hot mask: whatever the sampler does next, it picks the keyed
-choice. Greedy requests (temperature 0) are left unwatermarked by Gumbel, which
-has nothing to randomise; top-p is ignored under Gumbel.
+The engine calls each processor once per decode step with all its rows (``DecodeRows``,
+``scores [B, V]``) *before* temperature and top-p. KGW adds ``delta`` to the green logits
+there (so at temperature T the effective bias is delta / T, as in transformers'
+``generate``). Gumbel/Aaronson sampling must see the distribution actually sampled from, so
+its adapter applies each row's temperature itself and returns a one-hot mask: whatever the
+sampler does next, it picks the keyed choice. Greedy rows (temperature 0) are left
+unwatermarked by Gumbel, which has nothing to randomise; top-p is ignored under Gumbel. Rows
+with fewer than ``context_width`` tokens of context have no key for their green list yet and
+are left as they are.
 
 The scheme, its parameters and the key id (never the key) go into the server's
 metadata file, never into responses, so a later ``potstill audit`` can be run
@@ -24,48 +25,73 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from torch import Tensor
 
+    from potstill.serve.sampling import DecodeRows, LogitsProcessor
     from potstill.watermark.keys import WatermarkKey
     from potstill.watermark.params import WatermarkParams
 
-__all__ = ["watermark_processors", "write_serve_metadata"]
+__all__ = ["ServedGumbel", "ServedKGW", "watermark_processors", "write_serve_metadata"]
 
 
-class _KGWRow:
+class ServedKGW:
+    """KGW over a decode batch: ``delta`` on each row's green tokens."""
+
     def __init__(self, proc: Any) -> None:
         self.proc = proc
 
-    def __call__(self, ids: Tensor, logits: Tensor) -> Tensor:
-        return self.proc(ids[None, :], logits[None, :])[0]
+    def __call__(self, rows: DecodeRows, scores: Tensor) -> Tensor:
+        tails, idx = rows.tails(self.proc.context_width)
+        if not idx:
+            return scores
+        out = scores.clone()
+        out[idx] = self.proc(tails, scores[idx])
+        return out
 
 
-class _GumbelRow:
-    def __init__(self, proc: Any, temperature: float) -> None:
-        self.proc, self.temperature = proc, temperature
+class ServedGumbel:
+    """Gumbel/Aaronson over a decode batch: a one-hot mask on each sampled row's keyed choice."""
 
-    def __call__(self, ids: Tensor, logits: Tensor) -> Tensor:
-        return self.proc(ids[None, :], logits[None, :] / self.temperature)[0]
+    def __init__(self, proc: Any) -> None:
+        self.proc = proc
+
+    def __call__(self, rows: DecodeRows, scores: Tensor) -> Tensor:
+        import torch
+
+        sampled = [i for i, t in enumerate(rows.temperatures) if t > 0]
+        tails, idx = rows.tails(self.proc.context_width, sampled)
+        if not idx:
+            return scores
+        temps = torch.tensor([rows.temperatures[i] for i in idx], dtype=scores.dtype)
+        out = scores.clone()
+        out[idx] = self.proc(tails, scores[idx] / temps[:, None])
+        return out
 
 
 def watermark_processors(
     key: WatermarkKey, params: WatermarkParams
-) -> Callable[[dict[str, Any]], list[Callable[[Tensor, Tensor], Tensor]]]:
-    """A builder for ServeSettings.processors: request record -> processor chain."""
+) -> Callable[[dict[str, Any]], list[LogitsProcessor]]:
+    """A builder for ServeSettings.processors: request record -> processor chain. The
+    processor is built once here and shared by every request (one call per decode step)."""
+    proc: LogitsProcessor
     if params.scheme == "kgw":
         from potstill.watermark.kgw import KGWProcessor
 
-        kgw = _KGWRow(
+        proc = ServedKGW(
             KGWProcessor(
                 key, gamma=params.gamma, delta=params.delta, context_width=params.context_width
             )
         )
-        return lambda rec: [kgw]
-    from potstill.watermark.gumbel import GumbelProcessor
+    else:
+        from potstill.watermark.gumbel import GumbelProcessor
 
-    gumbel = GumbelProcessor(key, context_width=params.context_width)
+        proc = ServedGumbel(GumbelProcessor(key, context_width=params.context_width))
+    gumbel = params.scheme != "kgw"
 
-    def build(rec: dict[str, Any]) -> list[Callable[[Tensor, Tensor], Tensor]]:
-        t = float(rec.get("temperature") or 0.0)
-        return [_GumbelRow(gumbel, t)] if t > 0 else []
+    def build(rec: dict[str, Any]) -> list[LogitsProcessor]:
+        # a greedy request is not watermarked by Gumbel: no processor, so its logprobs and
+        # echo behave as undefended (they are: the argmax of the raw logits)
+        if gumbel and not float(rec.get("temperature") or 0.0) > 0:
+            return []
+        return [proc]
 
     return build
 
