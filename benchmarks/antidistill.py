@@ -638,6 +638,55 @@ def replicate_spread(s: dict[str, Any], env: dict[str, Any], work: Path, ref: fl
 # ----------------------------------------------------------------------------- report
 
 
+# The analysis of the replicate run, fixed before it ran (committed with this code): the
+# operating point is the previous 3-replicate run's (bias 0.75 nats; temperature 1.1, the
+# interpolated tau at the same -2.2-point teacher accuracy, rounded), the statistic is the
+# per-replicate paired difference of student accuracies (temperature minus antidistill: > 0
+# means antidistillation leaves the student worse off), the test a one-sided paired t-test
+# (H1: mean difference > 0) at alpha 0.05, with a Wilcoxon signed-rank test as a check.
+PREREGISTERED = {"bias_scale": 0.75, "temperature": 1.1, "alpha": 0.05}
+
+
+def replicate_analysis(ad: list[dict[str, Any]], temp: list[dict[str, Any]], base: float) -> dict:
+    """The pre-registered paired comparison (:data:`PREREGISTERED`), or {} when the run lacks
+    its points or has fewer than 2 replicates."""
+    from scipy import stats
+
+    a = next((p for p in ad if p["setting"].get("bias_scale") == PREREGISTERED["bias_scale"]), None)
+    t = next(
+        (p for p in temp if p["setting"].get("temperature") == PREREGISTERED["temperature"]), None
+    )
+    u = next((p for p in ad if p["setting"].get("lambda") == 0), None)
+    if a is None or t is None or u is None or a["replicates"] < 2:
+        return {}
+    ra, rt, ru = (p["student_task_acc_reps"] for p in (a, t, u))
+    diffs = [y - x for x, y in zip(ra, rt)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+    kept = {name: [kept_fraction(x - base, g - base) for x, g in zip(r, ru)]
+            for name, r in (("antidistill", ra), ("temperature", rt))}  # fmt: skip
+    t_p = float(stats.ttest_rel(rt, ra, alternative="greater").pvalue) if sd > 0 else float("nan")
+    w_p = float(stats.wilcoxon(diffs, alternative="greater").pvalue) if any(diffs) else float("nan")
+    return {
+        "preregistered": PREREGISTERED,
+        "n_replicates": n,
+        "student_acc_reps": {"undefended": ru, "antidistill": ra, "temperature": rt},
+        "teacher_task_acc": {
+            "antidistill": a["teacher_task_acc"],
+            "temperature": t["teacher_task_acc"],
+            "undefended": u["teacher_task_acc"],
+        },
+        "kept_fraction_reps": kept,
+        "mean_difference_temperature_minus_antidistill": mean,
+        "difference_ci95": [mean - half, mean + half],
+        "paired_t_pvalue_one_sided": t_p,
+        "wilcoxon_pvalue_one_sided": w_p,
+        "antidistill_better": bool(t_p < PREREGISTERED["alpha"]),
+    }
+
+
 def noise_floor(replicate_diff: float, acc: float, n_test: int) -> float:
     """The smallest student-accuracy difference read as real: the larger of the replicate's
     |difference| and two binomial standard errors of a difference of two accuracies ``acc``
@@ -775,6 +824,8 @@ def run(s: dict[str, Any], work: Path) -> dict[str, Any]:
             "noise_kept_fraction": noise,
         },
         "cost": cost,
+        "server_cost_per_token_ratio": cost["engine_ratio"],
+        "replicate_analysis": replicate_analysis(ad, temp, base),
         "verdict": verdict(ad_op, temp_op, noise),
         "teacher": env["info"]["teacher"],
         "proxy": env["info"]["proxy"],

@@ -204,3 +204,32 @@ def test_microscopic_end_to_end_writes_the_schema(bench: ModuleType, tmp_path: P
     assert c["batched_ratio"] > 1.0 and c["engine_ratio"] > 1.0, c
     assert isinstance(res["verdict"], str) and res["verdict"]
     assert res["settings"]["n_distill"] == 16 and res["total_seconds"] > 0
+
+
+def test_preregistered_replicate_analysis_closed_form(bench: ModuleType) -> None:
+    """The paired one-sided t-test by hand: t = mean(d) / (sd(d) / sqrt(n)), p = P(T_{n-1} > t)."""
+    from scipy import stats
+
+    def point(setting: dict[str, float], reps: list[float]) -> dict:
+        return {"setting": setting, "student_task_acc_reps": reps, "replicates": len(reps),
+                "teacher_task_acc": 0.9}  # fmt: skip
+
+    undef = [0.60, 0.55, 0.70, 0.65, 0.50]
+    ad_reps = [0.40, 0.45, 0.50, 0.52, 0.30]
+    temp_reps = [0.50, 0.44, 0.62, 0.60, 0.41]
+    ad = [point({"lambda": 0.0, "bias_scale": 0.0}, undef),
+          point({"lambda": 0.01, "bias_scale": 0.75}, ad_reps)]  # fmt: skip
+    temp = [point({"temperature": 1.0}, undef), point({"temperature": 1.1}, temp_reps)]
+    r = bench.replicate_analysis(ad, temp, 0.10)
+    d = [0.10, -0.01, 0.12, 0.08, 0.11]
+    mean = sum(d) / 5
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 4)
+    t = mean / (sd / math.sqrt(5))
+    assert r["n_replicates"] == 5
+    assert r["mean_difference_temperature_minus_antidistill"] == pytest.approx(mean)
+    assert r["paired_t_pvalue_one_sided"] == pytest.approx(float(stats.t.sf(t, 4)), rel=1e-6)
+    half = float(stats.t.ppf(0.975, 4)) * sd / math.sqrt(5)
+    assert r["difference_ci95"] == pytest.approx([mean - half, mean + half])
+    assert r["kept_fraction_reps"]["antidistill"][0] == pytest.approx(0.30 / 0.50)
+    assert r["antidistill_better"] == (r["paired_t_pvalue_one_sided"] < 0.05)
+    assert bench.replicate_analysis(ad[:1], temp, 0.1) == {}  # no pre-registered point

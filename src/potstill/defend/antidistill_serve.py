@@ -70,6 +70,8 @@ class _ProxyBatch:
         if not slots:
             self.keys, self.lengths, self.deltas, self.mask, self.past = [], [], None, None, None
             return
+        if slots == list(range(len(self.keys))):  # the usual decode step: nothing to move
+            return
         assert self.mask is not None and self.past is not None and self.deltas is not None
         idx = torch.tensor(slots, device=self.mask.device)
         mask = self.mask.index_select(0, idx)
@@ -149,6 +151,8 @@ class _ProxyBatch:
             if fresh:
                 self._add([rows.keys[r] for r in fresh], [rows.contexts[r] for r in fresh])
             assert self.deltas is not None
+            if list(rows.keys) == self.keys:
+                return self.deltas
             order = {k: i for i, k in enumerate(self.keys)}
             index = torch.tensor([order[k] for k in rows.keys], device=self.deltas.device)
             return self.deltas.index_select(0, index)
