@@ -868,8 +868,8 @@ def main(argv: list[str] | None = None) -> int:
         s[name] = json.loads(value)
     torch.set_num_threads(s["threads"])
     t0 = time.perf_counter()
+    started = time.time()
     if args.cost_only is not None:
-        started = time.time()
         with tempfile.TemporaryDirectory(prefix="potstill-antidistill-") as tmp:
             res = run_cost(s, Path(tmp), args.cost_only)
         res["settings"] = {**s, "quick": args.quick, "tokenizer": TOKENIZER}
@@ -898,6 +898,7 @@ def main(argv: list[str] | None = None) -> int:
                       "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                       "platform": platform.platform()}  # fmt: skip
     res["total_seconds"] = time.perf_counter() - t0
+    res["provenance"] = provenance(started)
     png = args.out.with_name(args.out.stem + "_tradeoff.png")
     plot_tradeoff(res, png)
     atomic_write_json(args.out, finite_or_none(res))
