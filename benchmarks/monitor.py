@@ -8,6 +8,14 @@ key's traffic.
 Writes benchmarks/results/NAME.json and NAME_tpr.png (``--name``, default ``monitor``; the
 committed ``monitor.json`` uses the real all-MiniLM-L6-v2 encoder, ``monitor_hash.json`` the
 hashed n-gram fallback).
+
+``--new-traffic`` also scores the monitor on traffic that none of potstill's generators made,
+with the calibration above (tuned on simulated users) left as it is:
+
+* benign keys that ask about passages of Shakespeare's plays (a public-domain text; one play
+  per key mostly, as a reader would), under a handful of phrasings;
+* an attacker whose sweep (the default prompts, in order) was paraphrased by another model,
+  SmolLM2-135M-Instruct served by potstill's engine, before sending.
 """
 
 from __future__ import annotations
@@ -36,6 +44,127 @@ from potstill.io import atomic_write_json
 
 FRACTIONS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
 OUT = Path(__file__).resolve().parent / "results"
+ASKS = (
+    "Explain this passage: {x}",
+    "What does this line mean? {x}",
+    "Put this into modern English: {x}",
+    "Who is speaking here, and why? {x}",
+    "{x}",
+)
+PARAPHRASE = "Rewrite this request in other words. Reply with the rewritten request only.\n\n{x}"
+
+
+def shakespeare_pools(rng: random.Random, per_play: int) -> dict[str, list[str]]:
+    """Per play, ``per_play`` reader questions about random passages of 1-3 lines."""
+    from potstill.data.corpus import shakespeare_works
+
+    pools = {}
+    for play, text in shakespeare_works("train").items():
+        lines = [ln.strip() for ln in text.splitlines() if len(ln.strip()) > 25]
+        pool = []
+        for _ in range(per_play):
+            i = rng.randrange(len(lines) - 3)
+            pool.append(rng.choice(ASKS).format(x=" ".join(lines[i : i + rng.randint(1, 3)])))
+        pools[play] = pool
+    return pools
+
+
+def paraphrased_sweep(n: int, max_tokens: int = 48) -> list[str]:
+    """The first ``n`` default prompts, each rewritten by SmolLM2-135M-Instruct (T=0.7, seeded;
+    cached under $POTSTILL_CACHE: a pure function of n and this code's settings)."""
+    import hashlib
+    import json
+    import threading
+
+    from potstill.data.corpus import cache_root
+    from potstill.serve.engine import Engine, Event, SamplingParams
+
+    sweep = default_prompts(n)
+    tag = hashlib.sha256(f"{PARAPHRASE}|{n}|{max_tokens}".encode()).hexdigest()[:12]
+    path = cache_root() / "benchmarks" / f"paraphrased-sweep-{tag}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    engine = Engine.from_spec("smollm2-135m-instruct", max_batch=16)
+    tok = engine.tokenizer
+    out = [""] * n
+    done = threading.Semaphore(0)
+
+    def sink_for(i: int):
+        def sink(ev: Event) -> None:
+            out[i] += ev.text
+            if ev.finish_reason or ev.error:
+                done.release()
+
+        return sink
+
+    engine.start()
+    try:
+        for i, p in enumerate(sweep):
+            msgs = [{"role": "user", "content": PARAPHRASE.format(x=p)}]
+            ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+            ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+            sp = SamplingParams(max_tokens=max_tokens, temperature=0.7, seed=i)
+            engine.submit(ids, sp, [0], sink_for(i))
+        for _ in sweep:
+            assert done.acquire(timeout=3600)
+    finally:
+        engine.stop()
+    out = [t.strip() or p for t, p in zip(out, sweep)]  # an empty rewrite sends the original
+    atomic_write_json(path, out)
+    return out
+
+
+def new_traffic(monitor: ExtractionMonitor, emb: object, window: int, rng: random.Random,
+                n_benign: int, n_per_fraction: int, n_sweep: int) -> dict:  # fmt: skip
+    """FPR on Shakespeare readers and TPR for a paraphrased sweep mixed into their traffic."""
+    t0 = time.perf_counter()
+    pools = shakespeare_pools(rng, 40)
+    plays = sorted(pools)
+    sweeps = {"paraphrased": paraphrased_sweep(n_sweep), "original": default_prompts(n_sweep)}
+    t_make = time.perf_counter() - t0
+    th = monitor.cal.thresholds
+
+    def reader_window(f: float, sweep: list[str]) -> list[str]:
+        main, loyalty = rng.choice(plays), rng.uniform(0.6, 1.0)
+        k = round(f * window)
+        attacker = [True] * k + [False] * (window - k)
+        rng.shuffle(attacker)
+        pos = rng.randrange(len(sweep))
+        texts = []
+        for a in attacker:
+            if a:
+                texts.append(sweep[pos % len(sweep)])
+                pos += 1
+            else:
+                texts.append(
+                    rng.choice(pools[main if rng.random() < loyalty else rng.choice(plays)])
+                )
+        return texts
+
+    def flagged(texts: list[str]) -> bool:
+        x = emb.encode(texts)  # type: ignore[attr-defined]
+        nov, kbar = monitor.ref.per_prompt(x)
+        return bool(flagged_by(window_stats(x, nov, kbar, monitor.ref, texts), th))
+
+    benign = [flagged(reader_window(0.0, sweeps["original"])) for _ in range(n_benign)]
+    tpr = {
+        name: {f"{f:g}": float(np.mean([flagged(reader_window(f, sw)) for _ in range(n_per_fraction)]))
+               for f in FRACTIONS if f > 0}
+        for name, sw in sweeps.items()
+    }  # fmt: skip
+    return {
+        "benign_source": "reader questions about passages of the 37 Shakespeare works of the train split",
+        "attacker": "default-prompt sweep paraphrased by SmolLM2-135M-Instruct (T=0.7)",
+        "benign_windows": n_benign,
+        "benign_fpr": float(np.mean(benign)),
+        "tpr_by_fraction": tpr,
+        "examples": {
+            "benign": pools[plays[0]][:3],
+            "paraphrased": sweeps["paraphrased"][:3],
+            "original": sweeps["original"][:3],
+        },
+        "seconds": {"make_traffic": t_make, "total": time.perf_counter() - t0},
+    }
 
 
 def main() -> None:
@@ -47,6 +176,8 @@ def main() -> None:
     ap.add_argument("--benign-windows", type=int, default=500, help="fresh benign windows (FPR)")
     ap.add_argument("--windows-per-fraction", type=int, default=100)
     ap.add_argument("--name", default="monitor", help="results/NAME.json and NAME_tpr.png")
+    ap.add_argument("--new-traffic", action="store_true",
+                    help="also score Shakespeare readers and a paraphrased sweep (needs SmolLM2)")  # fmt: skip
     args = ap.parse_args()
     started = time.time()
 
@@ -120,12 +251,18 @@ def main() -> None:
             "score_windows": round(t_score, 2),
             "total": round(time.perf_counter() - t0, 2),
         },
-        "provenance": provenance(started),
     }
+    if args.new_traffic:
+        result["new_traffic"] = new_traffic(monitor, emb, args.window, rng, args.benign_windows,
+                                            args.windows_per_fraction, 400)  # fmt: skip
+    result["provenance"] = provenance(started)
     OUT.mkdir(parents=True, exist_ok=True)
     atomic_write_json(OUT / f"{args.name}.json", result)
     plot(result, OUT / f"{args.name}_tpr.png")
     print({k: result[k] for k in ("embedder", "benign_fpr", "tpr_at_50pct", "tpr_by_fraction")})
+    if "new_traffic" in result:
+        nt = result["new_traffic"]
+        print({"new benign_fpr": nt["benign_fpr"], "new tpr": nt["tpr_by_fraction"]})
     print(result["timings_s"])
 
 
