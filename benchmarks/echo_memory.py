@@ -24,6 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _provenance import provenance
+from potstill.io import atomic_write_json
 
 OUT = Path(__file__).resolve().parent / "results" / "echo_memory.json"
 VOCAB = 49_152
@@ -125,10 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         / runs["one_pass"]["peak_extra_mib"],
         "provenance": provenance(started),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(args.out).with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(args.out)
+    atomic_write_json(args.out, result)
     print(f"chunked / one-pass peak: {result['peak_ratio_chunked_vs_one_pass']:.3f} "
           f"(one-pass logits alone: {logits_mib:.0f} MiB) -> {args.out}")  # fmt: skip
     return 0

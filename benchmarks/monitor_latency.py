@@ -13,7 +13,6 @@ p99 gap between stream chunks, as a ratio to the monitor-off run.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import threading
 import time
@@ -23,6 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _provenance import provenance
+from potstill.io import atomic_write_json
 
 OUT = Path(__file__).resolve().parent / "results" / "monitor_latency.json"
 
@@ -168,9 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         "p99_ratio_background_vs_off": ratio["background"],
         "provenance": provenance(started),
     }
-    tmp = Path(args.out).with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(args.out)
+    atomic_write_json(args.out, result)
     print(f"p99 gap vs off: event loop {ratio['event_loop']:.2f}x, "
           f"background {ratio['background']:.2f}x -> {args.out}")  # fmt: skip
     return 0

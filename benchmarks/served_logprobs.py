@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import radioactivity as radio
 from _provenance import provenance
+from potstill.io import atomic_write_json
 
 OUT = Path(__file__).resolve().parent / "results" / "served_logprobs.json"
 
@@ -164,9 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         "p_heldout_served": runs["served"]["audit"]["open_heldout"]["p"],
         "provenance": provenance(started),
     }
-    tmp_out = Path(args.out).with_suffix(".json.tmp")
-    tmp_out.write_text(json.dumps(result, indent=2) + "\n")
-    tmp_out.replace(args.out)
+    atomic_write_json(args.out, result)
     print(f"-> {args.out}")
     return 0
 
