@@ -199,3 +199,20 @@ def test_chunked_echo_equals_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
                 model(input_ids=torch.tensor([p])).logits[0, :, :REAL_VOCAB], -1
             )
         assert max(abs(a[t].logprob - float(ref[t - 1, p[t]])) for t in range(1, len(p))) < 1e-4
+
+
+def test_gumbel_served_logprobs_are_json_safe() -> None:
+    """Gumbel sampling is deterministic given the key: the served distribution is one-hot, so
+    the chosen token has logprob 0 and every other the floor (-9999), never -inf."""
+    model, tok = load_model(MODEL)
+    gumbel = WatermarkParams("gumbel", context_width=1)
+    settings = ServeSettings(processors=watermark_processors(WM_KEY, gumbel))
+    with serve_in_background(create_app(Engine(model, tok, model_name=MODEL), settings)) as url:
+        r = _client(url).completions.create(
+            model=MODEL, prompt="hello", max_tokens=8, temperature=1.0, logprobs=3, seed=1
+        )
+    lp = r.choices[0].logprobs
+    assert lp.token_logprobs == [0.0] * len(lp.tokens)
+    for top in lp.top_logprobs:
+        assert sorted(top.values(), reverse=True)[0] == 0.0
+        assert all(v == engine_mod.LOGPROB_FLOOR for v in sorted(top.values())[:-1])
