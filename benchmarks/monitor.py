@@ -101,8 +101,8 @@ def paraphrased_sweep(n: int, max_tokens: int = 48) -> list[str]:
     try:
         for i, p in enumerate(sweep):
             msgs = [{"role": "user", "content": PARAPHRASE.format(x=p)}]
-            ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
-            ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+            text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
+            ids = list(tok(text, add_special_tokens=False).input_ids)
             sp = SamplingParams(max_tokens=max_tokens, temperature=0.7, seed=i)
             engine.submit(ids, sp, [0], sink_for(i))
         for _ in sweep:

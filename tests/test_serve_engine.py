@@ -279,3 +279,19 @@ def test_failed_merge_answers_every_row_and_keeps_serving(monkeypatch: pytest.Mo
         assert ok[-1].finish_reason == "length" and engine.health()["worker_alive"]
     finally:
         engine.stop()
+
+
+def test_bad_prompt_ids_are_refused_at_submit_not_lost() -> None:
+    """A prompt that is not token ids (e.g. a tokenizer's BatchEncoding passed by mistake)
+    used to fail inside the worker before any row existed, and its caller waited forever."""
+    model, tok = load_model("tiny:0")
+    engine = Engine(model, tok, model_name="tiny:0")
+    engine.start()
+    try:
+        for bad in (["input_ids", "attention_mask"], [], [1, 10**6], [1.5]):
+            with pytest.raises(ValueError, match="token ids"):
+                engine.submit(bad, SamplingParams(max_tokens=2), [0], lambda ev: None)
+        (ok,) = _run(engine, [tok("hi").input_ids], [SamplingParams(max_tokens=2)])
+        assert ok[-1].finish_reason == "length"
+    finally:
+        engine.stop()

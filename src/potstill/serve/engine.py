@@ -257,7 +257,15 @@ class Engine:
     ) -> RequestGroup:
         """Queue one prompt with ``len(indices)`` choices; events go to ``sink`` (called
         from the worker thread: it must be thread-safe, e.g. ``loop.call_soon_threadsafe``)."""
-        group = RequestGroup(list(prompt_ids), params, indices, sink)
+        ids = list(prompt_ids)
+        if not ids or not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in ids):
+            # checked here, in the caller's thread: inside the worker a bad prompt would fail
+            # a whole prefill, and the caller would learn why only from an error event
+            raise ValueError(
+                f"prompt_ids must be a non-empty list of token ids in [0, {self.vocab_size}), "
+                f"got {str(ids[:8])[:120]}"
+            )
+        group = RequestGroup(ids, params, indices, sink)
         with self._cv:
             if self._stopping or self._thread is None:
                 raise RuntimeError("the engine is not running: call start() first")
@@ -326,17 +334,17 @@ class Engine:
         from transformers import DynamicCache
 
         dev = self.device
-        width = max(len(g.prompt_ids) for g in groups)
-        ids = torch.full((len(groups), width), 0, dtype=torch.long)
-        mask = torch.zeros((len(groups), width), dtype=torch.long)
-        for r, g in enumerate(groups):
-            ids[r, width - len(g.prompt_ids) :] = torch.tensor(g.prompt_ids)
-            mask[r, width - len(g.prompt_ids) :] = 1
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self.model.config)
         echo_rows = [r for r, g in enumerate(groups) if g.params.echo_logprobs]
         prompt_lps: dict[int, list[TokenLogprob]] = {}
-        try:
+        try:  # until the rows exist, any failure must answer every choice of every group
+            width = max(len(g.prompt_ids) for g in groups)
+            ids = torch.full((len(groups), width), 0, dtype=torch.long)
+            mask = torch.zeros((len(groups), width), dtype=torch.long)
+            for r, g in enumerate(groups):
+                ids[r, width - len(g.prompt_ids) :] = torch.tensor(g.prompt_ids)
+                mask[r, width - len(g.prompt_ids) :] = 1
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            cache = DynamicCache(config=self.model.config)
             if echo_rows:
                 last = self._echo_prefill(groups, echo_rows, ids, mask, pos, cache, prompt_lps)
             else:
