@@ -114,57 +114,102 @@ def paraphrased_sweep(n: int, max_tokens: int = 48) -> list[str]:
     return out
 
 
-def new_traffic(monitor: ExtractionMonitor, emb: object, window: int, rng: random.Random,
-                n_benign: int, n_per_fraction: int, n_sweep: int) -> dict:  # fmt: skip
-    """FPR on Shakespeare readers and TPR for a paraphrased sweep mixed into their traffic."""
-    t0 = time.perf_counter()
-    pools = shakespeare_pools(rng, 40)
+def _reader_window(rng: random.Random, pools: dict[str, list[str]], f: float, window: int,
+                   sweep: list[str]) -> list[str]:  # fmt: skip
+    """A Shakespeare reader's window (mostly one work) with ``round(f * window)`` requests of
+    ``sweep`` (in order, from a random offset) at random positions."""
     plays = sorted(pools)
-    sweeps = {"paraphrased": paraphrased_sweep(n_sweep), "original": default_prompts(n_sweep)}
-    t_make = time.perf_counter() - t0
-    th = monitor.cal.thresholds
+    main, loyalty = rng.choice(plays), rng.uniform(0.6, 1.0)
+    k = round(f * window)
+    attacker = [True] * k + [False] * (window - k)
+    rng.shuffle(attacker)
+    pos = rng.randrange(len(sweep))
+    texts = []
+    for a in attacker:
+        if a:
+            texts.append(sweep[pos % len(sweep)])
+            pos += 1
+        else:
+            texts.append(rng.choice(pools[main if rng.random() < loyalty else rng.choice(plays)]))
+    return texts
 
-    def reader_window(f: float, sweep: list[str]) -> list[str]:
-        main, loyalty = rng.choice(plays), rng.uniform(0.6, 1.0)
-        k = round(f * window)
-        attacker = [True] * k + [False] * (window - k)
-        rng.shuffle(attacker)
-        pos = rng.randrange(len(sweep))
-        texts = []
-        for a in attacker:
-            if a:
-                texts.append(sweep[pos % len(sweep)])
-                pos += 1
-            else:
-                texts.append(
-                    rng.choice(pools[main if rng.random() < loyalty else rng.choice(plays)])
-                )
-        return texts
 
+def _rates(monitor: ExtractionMonitor, emb: object, windows: dict[str, list[list[str]]]) -> dict:
     def flagged(texts: list[str]) -> bool:
         x = emb.encode(texts)  # type: ignore[attr-defined]
         nov, kbar = monitor.ref.per_prompt(x)
-        return bool(flagged_by(window_stats(x, nov, kbar, monitor.ref, texts), th))
+        return bool(
+            flagged_by(window_stats(x, nov, kbar, monitor.ref, texts), monitor.cal.thresholds)
+        )
 
-    benign = [flagged(reader_window(0.0, sweeps["original"])) for _ in range(n_benign)]
-    tpr = {
-        name: {f"{f:g}": float(np.mean([flagged(reader_window(f, sw)) for _ in range(n_per_fraction)]))
-               for f in FRACTIONS if f > 0}
-        for name, sw in sweeps.items()
-    }  # fmt: skip
-    return {
+    return {name: float(np.mean([flagged(w) for w in ws])) for name, ws in windows.items()}
+
+
+def _recalibrated(emb: object, window: int, fpr: float, n_windows: int) -> ExtractionMonitor:
+    """The monitor calibrated as an operator would, on its own users: here simulated users AND
+    Shakespeare readers (other passages than the test's), half of the windows each."""
+    from potstill.defend.monitor import calibrate
+    from potstill.defend.traffic import benign_pool
+
+    rng = random.Random("potstill-monitor-recalibration")
+    pools = shakespeare_pools(rng, 40)
+    readers = [p for ps in pools.values() for p in ps]
+
+    def mixed(n: int) -> list[str]:
+        return benign_pool(rng, n // 2) + rng.sample(readers, n - n // 2)
+
+    windows = []
+    for i in range(n_windows):
+        if i % 2:
+            windows.append(_reader_window(rng, pools, 0.0, window, ["-"]))
+        else:
+            if i % 100 == 0:
+                sim_pools = persona_pools(rng, 60)
+            windows.append(simulate_window(rng, ["-"], 0.0, window, sim_pools).texts)
+    cal = calibrate(emb, mixed(512), mixed(512), windows, fpr=fpr)  # type: ignore[arg-type]
+    return ExtractionMonitor(cal, emb)  # type: ignore[arg-type]
+
+
+def new_traffic(monitor: ExtractionMonitor, emb: object, args: argparse.Namespace,
+                rng: random.Random, n_sweep: int = 400) -> dict:  # fmt: skip
+    """Shakespeare readers (FPR) and a paraphrased sweep mixed into their traffic (TPR), for the
+    shipped calibration and for one recalibrated on the operator's own users."""
+    t0 = time.perf_counter()
+    pools = shakespeare_pools(rng, 40)
+    sweeps = {"paraphrased": paraphrased_sweep(n_sweep), "original": default_prompts(n_sweep)}
+    t_make = time.perf_counter() - t0
+    w, n_b, n_f = args.window, args.benign_windows, args.windows_per_fraction
+    windows = {"benign": [_reader_window(rng, pools, 0.0, w, ["-"]) for _ in range(n_b)]}
+    for name, sw in sweeps.items():
+        for f in FRACTIONS[1:]:
+            windows[f"{name}_{f:g}"] = [_reader_window(rng, pools, f, w, sw) for _ in range(n_f)]
+    sim = [simulate_window(rng, ["-"], 0.0, w, persona_pools(rng, 60)).texts for _ in range(n_f)]
+    out: dict = {
         "benign_source": "reader questions about passages of the 37 Shakespeare works of the train split",
         "attacker": "default-prompt sweep paraphrased by SmolLM2-135M-Instruct (T=0.7)",
-        "benign_windows": n_benign,
-        "benign_fpr": float(np.mean(benign)),
-        "tpr_by_fraction": tpr,
+        "benign_windows": n_b,
+        "windows_per_fraction": n_f,
         "examples": {
-            "benign": pools[plays[0]][:3],
+            "benign": windows["benign"][0][:3],
             "paraphrased": sweeps["paraphrased"][:3],
             "original": sweeps["original"][:3],
         },
-        "seconds": {"make_traffic": t_make, "total": time.perf_counter() - t0},
     }
+    t1 = time.perf_counter()
+    recal = _recalibrated(emb, w, args.fpr, args.calibration_windows)
+    t_recal = time.perf_counter() - t1
+    for label, mon in (("shipped_calibration", monitor), ("recalibrated_on_own_users", recal)):
+        r = _rates(mon, emb, {**windows, "simulated_benign": sim})
+        out[label] = {
+            "benign_fpr": r["benign"],
+            "simulated_benign_fpr": r["simulated_benign"],
+            "tpr_by_fraction": {
+                name: {f"{f:g}": r[f"{name}_{f:g}"] for f in FRACTIONS[1:]} for name in sweeps
+            },
+        }
+    out["seconds"] = {"make_traffic": t_make, "recalibrate": t_recal,
+                      "total": time.perf_counter() - t0}  # fmt: skip
+    return out
 
 
 def main() -> None:
@@ -253,8 +298,7 @@ def main() -> None:
         },
     }
     if args.new_traffic:
-        result["new_traffic"] = new_traffic(monitor, emb, args.window, rng, args.benign_windows,
-                                            args.windows_per_fraction, 400)  # fmt: skip
+        result["new_traffic"] = new_traffic(monitor, emb, args, rng)
     result["provenance"] = provenance(started)
     OUT.mkdir(parents=True, exist_ok=True)
     atomic_write_json(OUT / f"{args.name}.json", result)
@@ -262,7 +306,8 @@ def main() -> None:
     print({k: result[k] for k in ("embedder", "benign_fpr", "tpr_at_50pct", "tpr_by_fraction")})
     if "new_traffic" in result:
         nt = result["new_traffic"]
-        print({"new benign_fpr": nt["benign_fpr"], "new tpr": nt["tpr_by_fraction"]})
+        for label in ("shipped_calibration", "recalibrated_on_own_users"):
+            print(label, nt[label])
     print(result["timings_s"])
 
 
