@@ -5,7 +5,8 @@ whatever distribution those logprobs describe. This runs the whole path twice, i
 for ``ServeSettings.logprobs_source``:
 
 1. ``potstill serve`` (in-process, over loopback) serves the radioactivity benchmark's tiny
-   teacher (``tiny:0``, 16-symbol alphabet, temperature 5) with a KGW watermark;
+   teacher (``tiny:0``, 16-symbol alphabet, sampled at an effective temperature 5: its head
+   divided by 2.5, served at the API's maximum of 2) with a KGW watermark;
 2. ``potstill harvest`` collects N answers with their top-5 logprobs into a SQLite store;
 3. a student is distilled from the store by pure top-k KD (``loss.ce_weight=0``: the sampled
    text is only the context, the targets are the logprobs), from the same init and seed;
@@ -49,6 +50,15 @@ def harvest_from_server(source: str, prompts: list[str], store: Path, s: dict[st
     from potstill.watermark import KGWProcessor
 
     model, tok = load_model(s["radio_teacher"])
+    # The radioactivity benchmark samples this teacher at temperature 5; the API caps
+    # temperature at 2, so the model itself is made flatter (lm_head / 2.5, untied from the
+    # embeddings) and served at temperature 2: the same sampled distribution before the
+    # watermark, z / 5. Raw logprobs are this flatter model's log-softmax.
+    with torch.no_grad():
+        head = model.get_output_embeddings()
+        head.weight = torch.nn.Parameter(
+            head.weight.detach().clone() / (s["radio_temperature"] / 2.0)
+        )
     kgw = KGWProcessor(
         radio.KEY, gamma=s["gamma"], delta=s["delta"], context_width=s["context_width"]
     )
@@ -58,7 +68,7 @@ def harvest_from_server(source: str, prompts: list[str], store: Path, s: dict[st
     settings = ServeSettings(processors=lambda rec: chain, logprobs_source=source)  # type: ignore[arg-type]
     engine = Engine(model, tok, model_name="teacher", max_batch=16)
     params = GenParams(mode="chat", max_tokens=s["radio_answer_tokens"],
-                       temperature=s["radio_temperature"], top_logprobs=5, seed=3)  # fmt: skip
+                       temperature=2.0, top_logprobs=5, seed=3)  # fmt: skip
     msgs = [[{"role": "user", "content": p}] for p in prompts]
     with serve_in_background(create_app(engine, settings)) as url:
         stats = harvest(msgs, store, endpoint=url + "/v1", model="teacher", params=params,
