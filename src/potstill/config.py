@@ -38,8 +38,10 @@ class TeacherConfig(_Strict):
             "cache:DIR (a logit cache), or none (the data carries the teacher's outputs)."
         ),
     )
-    dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="Dtype the teacher's weights are loaded in."
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "float32",
+        description="Dtype the teacher's weights are loaded in; auto = bfloat16 only where the "
+        "hardware runs bf16 natively (potstill.hardware), else float32.",
     )
 
 

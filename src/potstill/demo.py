@@ -23,7 +23,7 @@ from potstill.config import DistillConfig
 # run as a file (a test keeps them equal).
 DEFAULTS: dict[str, Any] = {
     "teacher": "smollm2-135m-instruct",
-    "teacher_dtype": "bfloat16",
+    "teacher_dtype": "auto",
     "steps": 100,
     "student_layers": 4,
     "student_width": 256,

@@ -21,7 +21,7 @@ BLACKBOX_DEFAULTS: dict[str, Any] = {
     "train_prompts": 96,  # 96 x 64 tokens keeps the whole demo under 10 min with margin
     "heldout_prompts": 24,
     "max_tokens": 64,
-    "serve_dtype": "bfloat16",
+    "serve_dtype": "auto",
     "temperature": 0.8,
     "top_logprobs": 5,
     "concurrency": 16,

@@ -44,9 +44,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     s.add_argument(
         "--dtype",
-        choices=("float32", "bfloat16"),
+        choices=("auto", "float32", "bfloat16"),
         default="float32",
-        help="weight dtype (bfloat16: faster decoding, bf16-rounded logprobs)",
+        help="weight dtype (bfloat16: faster decoding where the hardware runs bf16 natively, "
+        "bf16-rounded logprobs; auto: bfloat16 only there)",
     )
     w = s.add_argument_group("watermark (keyed, on every sampled completion)")
     w.add_argument(

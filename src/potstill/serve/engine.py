@@ -216,14 +216,17 @@ class Engine:
     ) -> Engine:
         """Load ``spec`` (any :func:`~potstill.teachers.load_model` form) onto ``device``.
 
-        ``dtype``: ``"float32"`` or ``"bfloat16"`` weights (bf16 halves the bytes each
+        ``dtype``: ``"float32"``, ``"bfloat16"`` or ``"auto"`` (bf16 where the hardware runs it
+        natively, :mod:`potstill.hardware`) weights (bf16 halves the bytes each
         memory-bound decode step reads; logprobs are then bf16-rounded).
         """
         import torch
 
+        from potstill.hardware import resolve_dtype
         from potstill.teachers import load_model
 
-        model, tok = load_model(spec, dtype=torch.bfloat16 if dtype == "bfloat16" else None)
+        bf16 = resolve_dtype(dtype, device) == "bfloat16"
+        model, tok = load_model(spec, dtype=torch.bfloat16 if bf16 else None)
         return cls(model.to(device), tok, model_name=spec, max_batch=max_batch)
 
     @property

@@ -197,9 +197,11 @@ def load_teacher(cfg: DistillConfig, tokenizer: Any, student_vocab: int) -> Any:
     spec = cfg.teacher.spec
     if cfg.loss.ce_weight >= 1.0 or spec == "none" or spec.startswith("cache:"):
         return None  # CE alone, or the data carries the teacher's targets
+    from potstill.hardware import resolve_dtype
     from potstill.teachers import HFTeacher
 
-    dtype = torch.bfloat16 if cfg.teacher.dtype == "bfloat16" else torch.float32
+    bf16 = resolve_dtype(cfg.teacher.dtype) == "bfloat16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
     return HFTeacher.from_spec(
         cfg.teacher.spec, student_tokenizer=tokenizer, student_vocab_size=student_vocab, dtype=dtype
     )
