@@ -63,6 +63,8 @@ def test_demo_runs_end_to_end_on_tiny_models(
                 "context_width=1",
                 "delta=4.0",
                 "temperature=2.0",
+                "provenance_prompts=12",
+                "provenance_tokens=8",
             )
         ],
     ]
@@ -76,8 +78,20 @@ def test_demo_runs_end_to_end_on_tiny_models(
     bb = result["blackbox"]
     assert bb["harvest"]["train_records"] == 12 and bb["harvest"]["max_batch_seen"] > 1
     assert 0.0 <= bb["p_student"] <= 1.0 and 0.0 <= bb["p_control"] <= 1.0
+    for who in ("student", "control"):
+        soft, hard = bb["audit"][who]["soft"], bb["audit"][who]["argmax"]
+        assert soft["settings"]["score"] == "soft" and soft["n_scored"] > 0
+        assert soft["p_value"] == bb["p_student" if who == "student" else "p_control"]
+        assert hard["n_scored"] > 0
+        prov = bb["provenance"][who]
+        assert prov["statistic"] == "agreement" and prov["n_prompts"] == 12
+        assert [c["control"] for c in prov["comparisons"]] == ["start", "baseline"]
     assert bb["n_heldout_tokens"] > 0
-    assert "radioactivity audit" in printed
+    assert "radioactivity, soft" in printed and "provenance (no watermark)" in printed
+    assert (out / "audit_pvalues.png").read_bytes()[:4] == b"\x89PNG"
+    report = (out / "report.md").read_text()
+    assert "audit_pvalues.png" in report
+    assert "by chance" in report or "no preference" in report
     assert (out / "report.md").is_file()
     assert (out / "loss_curves.png").read_bytes()[:4] == b"\x89PNG"
     # A rerun resumes: both students are already trained, nothing is retrained.

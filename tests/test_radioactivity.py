@@ -364,8 +364,13 @@ def test_audit_radioactivity_cli_open(
     out, err = capsys.readouterr()
     (row,) = json.loads(out)["results"]
     assert row["mode"] == "open" and row["settings"]["filter"] and row["n_scored"] > 0
-    assert row["p_holm"] is None and err.startswith("tiny:1 [key ")
+    assert row["settings"]["score"] == "soft" and row["settings"]["weighting"] == "sum"
+    assert row["p_bound"] >= row["p_value"] and row["p_holm"] is None
+    assert err.startswith("tiny:1 [key ")
     assert KEY_HEX not in out + err
+    assert main([*argv, "--score", "argmax"]) == 0
+    (hard,) = json.loads(capsys.readouterr().out)["results"]
+    assert "score" not in hard["settings"] and hard["n_scored"] > 0 and "p_bound" not in hard
 
 
 @pytest.mark.parametrize(
@@ -379,6 +384,10 @@ def test_audit_radioactivity_cli_open(
         ("closed_without_tokenizer", "needs --tokenizer"),
         ("all_excluded", "nothing to score"),
         ("bad_alpha", "--alpha"),
+        ("open_without_tokenizer", "open mode needs --tokenizer"),
+        ("soft_closed", "--score soft needs open mode"),
+        ("soft_gumbel", "--score soft needs open mode and a KGW"),
+        ("soft_no_dedup", "--no-dedup applies to"),
     ],
 )
 def test_audit_radioactivity_bad_input(
@@ -409,6 +418,18 @@ def test_audit_radioactivity_bad_input(
         extra += ["--prompts", str(f["marked"])]
     elif case == "bad_alpha":
         extra += ["--alpha", "1.5"]
+    elif case == "open_without_tokenizer":
+        mode, suspect, extra = "open", "tiny:1", ["--watermarked", str(f["marked"])]
+    elif case == "soft_closed":
+        extra += ["--score", "soft"]
+    elif case in ("soft_gumbel", "soft_no_dedup"):
+        mode, suspect = "open", "tiny:1"
+        extra += ["--watermarked", str(f["marked"])]
+        extra += (
+            ["--watermark", "gumbel", "--score", "soft"]
+            if case == "soft_gumbel"
+            else ["--no-dedup"]
+        )
     argv = ["audit", "radioactivity", "--mode", mode, "--suspect", suspect, "--key-file", key]
     code = main([*argv, *extra])
     out, err = capsys.readouterr()

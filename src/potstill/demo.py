@@ -24,7 +24,7 @@ from potstill.config import DistillConfig
 DEFAULTS: dict[str, Any] = {
     "teacher": "smollm2-135m-instruct",
     "teacher_dtype": "auto",
-    "steps": 100,
+    "steps": 80,
     "student_layers": 4,
     "student_width": 256,
     "seq_len": 128,
@@ -131,17 +131,21 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     console.print(to_markdown(result))
     del teacher_model
 
-    extra_md, blackbox = "", None
+    extra_md, blackbox, figures_bb = "", None, []
     if settings.blackbox:
         from potstill.demo_blackbox import BLACKBOX_DEFAULTS, run_blackbox
 
         console.rule("[bold]black box: serve a watermarked teacher, harvest it, distill, audit")
-        bb_settings = {**BLACKBOX_DEFAULTS, **settings.blackbox_overrides}
+        bb_settings = {
+            **BLACKBOX_DEFAULTS,
+            "control_text": s["train"],
+            **settings.blackbox_overrides,
+        }
         bb = run_blackbox(
             out / "blackbox",
             teacher=s["teacher"],
             student_init=out / "distilled" / "student",
-            control=out / "distilled" / "student",
+            baseline=out / "baseline" / "student",
             settings=bb_settings,
             console=console,
         )
@@ -150,6 +154,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         result["blackbox"] = blackbox
         extra_md = _blackbox_markdown(bb, bb_settings)
         console.print(extra_md)
+        figures_bb = [_pvalue_figure(bb, bb_settings, out / "audit_pvalues.png")]
     timings["total_s"] = round(time.perf_counter() - t_start, 1)
     result["timings"] = timings
 
@@ -169,7 +174,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         out,
         title="potstill demo: SmolLM2-135M-Instruct -> small Llama",
         eval_result=result,
-        figures=[curves],
+        figures=[curves, *figures_bb],
         settings=settings_dump,
         extra_md=extra_md,
     )
@@ -183,29 +188,67 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     return {"result": result, "settings": asdict(settings) | {"out_dir": str(out)}}
 
 
+def _pvalue_figure(bb: Any, s: dict[str, Any], path: Path) -> Path:
+    from potstill.report import plot_pvalues
+
+    rows = []
+    for who, label in (("student", "thief"), ("control", "control")):
+        rows.append(("radioactivity (soft)", label, bb.audit[who]["soft"]["p_value"]))
+        rows.append(("radioactivity (argmax)", label, bb.audit[who]["argmax"]["p_value"]))
+        rows.append(("provenance", label, bb.provenance[who]["p_value"]))
+    return plot_pvalues(rows, s["alpha"], path, title="demo audit: thief vs control")
+
+
+def _explain(test: str, who: str, flagged: bool, p: float) -> str:
+    """One sentence a non-statistician can read."""
+    odds = f"about 1 in {1 / p:,.0f}" if p > 0 else "smaller than any number we can print"
+    if test == "radioactivity":
+        if flagged:
+            return (
+                f"The {who} prefers our watermark's secret green tokens; a model that never "
+                f"trained on our watermarked answers would do this by chance {odds}."
+            )
+        return f"The {who} shows no preference for our watermark's green tokens."
+    if flagged:
+        return (
+            f"The {who} predicts the teacher's next words more often than its own starting point "
+            f"and an independent model of the same size; chance gives this {odds}."
+        )
+    return f"The {who} is not measurably closer to the teacher than the models it is compared with."
+
+
 def _blackbox_markdown(bb: Any, s: dict[str, Any]) -> str:
     alpha = s["alpha"]
-    return "\n".join(
-        [
-            "## Black box: serve, harvest, distill, audit",
-            "",
-            f"Harvested {bb.harvest['train_records']} watermarked answers (KGW, gamma={s['gamma']}, "
-            f"delta={s['delta']}, context width {s['context_width']}) over loopback HTTP; the server "
-            f"batched up to {bb.harvest['max_batch_seen']} sequences at once.",
-            "",
-            "| held-out teacher answers | NLL (nats/token) |",
-            "|---|---|",
-            f"| student before the harvest | {bb.nll_before:.4f} |",
-            f"| student after the harvest | {bb.nll_after:.4f} |",
-            "",
-            f"({bb.n_heldout_tokens} assistant tokens.)",
-            "",
-            "| radioactivity audit (open mode) | p-value | verdict at alpha=" + f"{alpha:g} |",
-            "|---|---|---|",
-            f"| student distilled from the harvest | {bb.p_student:.3g} | {bb.verdict_student} |",
-            f"| control (never saw watermarked text) | {bb.p_control:.3g} | {bb.verdict_control} |",
-        ]
-    )
+    lines = [
+        "## Black box: serve, harvest, distill, audit",
+        "",
+        f"Harvested {bb.harvest['train_records']} watermarked answers (KGW, gamma={s['gamma']}, "
+        f"delta={s['delta']}, context width {s['context_width']}) over loopback HTTP; the server "
+        f"batched up to {bb.harvest['max_batch_seen']} sequences at once. The thief trained on "
+        "them; the control had the same start and budget and answers that are not the teacher's.",
+        "",
+        "| held-out teacher answers | NLL (nats/token) |",
+        "|---|---|",
+        f"| thief before the harvest | {bb.nll_before:.4f} |",
+        f"| thief after the harvest | {bb.nll_after:.4f} |",
+        "",
+        f"({bb.n_heldout_tokens} assistant tokens.)",
+        "",
+        f"| test (alpha = {alpha:g}) | thief p | control p |",
+        "|---|---|---|",
+    ]
+    for name, key in (("radioactivity, soft", "soft"), ("radioactivity, argmax", "argmax")):
+        ps, pc = bb.audit["student"][key]["p_value"], bb.audit["control"][key]["p_value"]
+        lines.append(f"| {name} | {ps:.3g} | {pc:.3g} |")
+    ps, pc = bb.provenance["student"]["p_value"], bb.provenance["control"]["p_value"]
+    lines += [f"| provenance (no watermark) | {ps:.3g} | {pc:.3g} |", ""]
+    for who, label in (("student", "thief"), ("control", "control")):
+        p_soft = bb.audit[who]["soft"]["p_value"]
+        lines.append(f"- {_explain('radioactivity', label, p_soft < alpha, p_soft)}")
+        prov = bb.provenance[who]
+        lines.append(f"- {_explain('provenance', label, prov['flagged'], prov['p_value'])}")
+        lines += [f"  (warning: {w})" for w in prov["warnings"]]
+    return "\n".join(lines)
 
 
 def _evaluate_students(

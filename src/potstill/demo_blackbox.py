@@ -2,11 +2,19 @@
 
 Everything crosses real loopback HTTP: ``potstill serve``'s FastAPI app runs under
 uvicorn on 127.0.0.1 with a KGW watermark on every sampled completion, the
-asyncio harvester collects answers (with top-k logprobs) into a SQLite store, a
-student is distilled from that store (SFT on the answers + sparse top-k KD), and
-both that student and a control that never saw watermarked text are audited for
-radioactivity in open mode. The held-out NLL of teacher answers before and after
-training shows the student really learned from the harvest.
+asyncio harvester collects answers (with top-k logprobs) into a SQLite store, and a
+"thief" student is distilled from that store (SFT on the answers + sparse top-k KD).
+A control gets the same start, the same prompts and the same training budget, with
+answers that are not the teacher's (passages of the demo's training text). The
+held-out NLL of teacher answers before and after training shows the thief really
+learned from the harvest.
+
+Both are then audited twice: soft open-mode radioactivity (did it learn our
+watermark's green lists?) and the provenance test, which needs no watermark (is it
+closer to the teacher than its own starting point and an independent model of the
+same size, the CE baseline?). The watermark uses context width 1 here: its green
+lists are per previous token, which a student this small learns from 6k harvested
+tokens; with width 2 the same student shows nothing (see the README).
 """
 
 from __future__ import annotations
@@ -31,8 +39,11 @@ BLACKBOX_DEFAULTS: dict[str, Any] = {
     "seq_len": 256,
     "gamma": 0.25,
     "delta": 3.0,
-    "context_width": 2,
+    "context_width": 1,
     "alpha": 0.01,
+    "control_text": "shakespeare:train",  # the control's non-teacher answers
+    "provenance_prompts": 48,
+    "provenance_tokens": 32,
 }
 
 
@@ -41,13 +52,14 @@ class BlackboxResult:
     nll_before: float
     nll_after: float
     n_heldout_tokens: int
-    p_student: float
+    p_student: float  # soft radioactivity
     p_control: float
     verdict_student: str
     verdict_control: str
     harvest: dict[str, Any]
     timings: dict[str, float]
     audit: dict[str, Any]
+    provenance: dict[str, Any]
 
 
 def chat_nll(model: Any, data: Any, *, batch_size: int = 8) -> tuple[float, int]:
@@ -167,19 +179,109 @@ def _distill_from_harvest(out: Path, student_init: Path, tok: Any, s: dict[str, 
     return probe
 
 
+def _control_answers(source: str, n: int, words: int) -> list[str]:
+    """``n`` passages of ``words`` words of non-teacher text (the control's answers)."""
+    from potstill.data.corpus import load_texts
+    from potstill.errors import PotstillError
+
+    flat = " ".join(load_texts(source)).split()
+    if len(flat) < n * words:
+        raise PotstillError(
+            f"{source} has {len(flat)} words, fewer than the control needs ({n} x {words}); "
+            "give a longer control_text"
+        )
+    return [" ".join(flat[i * words : (i + 1) * words]) for i in range(n)]
+
+
+def _train_control(out: Path, student_init: Path, prompts: list[str], s: dict[str, Any]) -> None:
+    """The control: same start, prompts, steps and optimiser; answers not from the teacher."""
+    import json
+
+    from potstill.config import DistillConfig
+    from potstill.io import atomic_write_text
+    from potstill.train.recipe import run_distill
+
+    data = out / "control_data.jsonl"
+    if not data.exists():
+        words = max(8, round(0.7 * s["max_tokens"]))  # ~1.4 tokens per English word
+        answers = _control_answers(s["control_text"], len(prompts), words)
+        rows = [
+            json.dumps(
+                {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]}
+            )
+            for p, a in zip(prompts, answers)
+        ]
+        atomic_write_text(data, "\n".join(rows) + "\n")
+    cfg = DistillConfig.model_validate(
+        {
+            "out_dir": str(out / "control"),
+            "teacher": {"spec": "none"},
+            "student": {"init": "checkpoint", "checkpoint": str(student_init)},
+            "loss": {"kind": "forward_kl", "ce_weight": 1.0},
+            "optim": {"lr": 1e-3, "warmup_steps": 3, "min_lr_ratio": 0.1},
+            "data": {"train": f"messages:{data}", "eval": None, "seq_len": s["seq_len"]},
+            "train": {
+                "steps": s["steps"],
+                "micro_batch_size": s["micro_batch_size"],
+                "save_every": 10,
+                "eval_every": 0,
+            },
+        }
+    )
+    run_distill(cfg, resume=True)
+
+
+def _audits(
+    out: Path,
+    models: dict[str, Any],
+    tok: Any,
+    key: Any,
+    wm: Any,
+    s: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Soft + argmax radioactivity and provenance of the thief and the control."""
+    from potstill.forensics.provenance import Candidate, compare, score_models
+    from potstill.forensics.radioactivity import radioactivity_open
+    from potstill.forensics.soft import radioactivity_soft
+    from potstill.harvest.export import store_examples
+    from potstill.harvest.prompts import default_prompts
+
+    # The harvest prompts are ours and unwatermarked, so their windows stay in: with width-1
+    # windows excluding them would drop most of the vocabulary.
+    texts = [ex["messages"][-1]["content"] for ex in store_examples(out / "harvest.sqlite")]
+    radio: dict[str, Any] = {}
+    for who in ("student", "control"):
+        soft = radioactivity_soft(models[who], tok, texts, [key], wm, weighting="sum")[0]
+        hard = radioactivity_open(models[who], tok, texts, key, wm)
+        radio[who] = {"soft": soft.to_dict(), "argmax": hard.to_dict()}
+    # Fresh prompts (seed 1), never harvested: closeness must show beyond the training set.
+    prompts = default_prompts(s["provenance_prompts"], seed=1)
+    names = ("student", "control", "start", "baseline")
+    stat, scores = score_models(
+        Candidate("teacher", models["teacher"], tok),
+        [Candidate(k, models[k], tok) for k in names],
+        prompts, statistic="agreement", new_tokens=s["provenance_tokens"],
+    )  # fmt: skip
+    by = dict(zip(names, scores))
+    prov = {
+        who: compare(by[who], [by["start"], by["baseline"]], teacher="teacher", statistic=stat,
+                     alpha=s["alpha"]).to_dict()
+        for who in ("student", "control")
+    }  # fmt: skip
+    return radio, prov
+
+
 def run_blackbox(
     out: Path,
     *,
     teacher: str,
     student_init: Path,
-    control: Path,
+    baseline: Path,
     settings: dict[str, Any],
     console: Any,
 ) -> BlackboxResult:
-    """Serve -> harvest -> distill -> evaluate -> audit; see the module docstring."""
-    from potstill.forensics.radioactivity import radioactivity_open
+    """Serve -> harvest -> distill thief and control -> evaluate -> audit (module doc)."""
     from potstill.harvest.dataset import load_chat_data
-    from potstill.harvest.export import store_examples
     from potstill.harvest.prompts import default_prompts
     from potstill.teachers import load_model
     from potstill.watermark.keys import generate_key, load_key, write_key
@@ -207,35 +309,52 @@ def run_blackbox(
     before, tok = load_model(str(student_init))
     probe = _distill_from_harvest(out, student_init, tok, s)
     timings["distill_s"] = round(time.perf_counter() - t0, 1)
+    t0 = time.perf_counter()
+    console.print("[bold]training the control[/] (same start and budget, non-teacher answers)")
+    _train_control(out, student_init, train_prompts, s)
+    timings["control_s"] = round(time.perf_counter() - t0, 1)
 
     t0 = time.perf_counter()
-    after, _ = load_model(str(out / "student" / "student"))
-    ctrl, _ = load_model(str(control))
+    models = {
+        "student": load_model(str(out / "student" / "student"))[0],
+        "control": load_model(str(out / "control" / "student"))[0],
+        "start": before,
+        "baseline": load_model(str(baseline))[0],
+        "teacher": load_model(teacher)[0],
+    }
     heldout = load_chat_data(
         f"harvest:{out / 'heldout.sqlite'}", tok, seq_len=s["seq_len"], with_logprobs=False
     )
     nll_before, n_tok = chat_nll(before, heldout)
-    nll_after, _ = chat_nll(after, heldout)
-    texts = [ex["messages"][-1]["content"] for ex in store_examples(out / "harvest.sqlite")]
-    res_s = radioactivity_open(after, tok, texts, key, wm, prompts=train_prompts)
-    res_c = radioactivity_open(ctrl, tok, texts, key, wm, prompts=train_prompts)
+    nll_after, _ = chat_nll(models["student"], heldout)
+    radio, prov = _audits(out, models, tok, key, wm, s)
     timings["eval_and_audit_s"] = round(time.perf_counter() - t0, 1)
+    soft_s, soft_c = radio["student"]["soft"], radio["control"]["soft"]
     return BlackboxResult(
         nll_before=nll_before,
         nll_after=nll_after,
         n_heldout_tokens=n_tok,
-        p_student=res_s.p_value,
-        p_control=res_c.p_value,
-        verdict_student=res_s.verdict(s["alpha"]),
-        verdict_control=res_c.verdict(s["alpha"]),
+        p_student=soft_s["p_value"],
+        p_control=soft_c["p_value"],
+        verdict_student=_word(soft_s["p_value"], s["alpha"]),
+        verdict_control=_word(soft_c["p_value"], s["alpha"]),
         harvest={
             "topk_aligned": probe.stats.get("aligned"),
             "objective": "SFT + top-k KD" if probe.targets is not None else "SFT",
-            "train_records": len(texts),
+            "train_records": len(train_prompts),
             "max_batch_seen": health.get("max_batch_seen"),
             "completion_tokens_this_run": stats.completion_tokens,
             "failed": stats.failed,
         },
         timings=timings,
-        audit={"student": res_s.to_dict(), "control": res_c.to_dict()},
+        audit=radio,
+        provenance=prov,
+    )
+
+
+def _word(p: float, alpha: float) -> str:
+    return (
+        f"flagged: p={p:.3g} < α={alpha:g}"
+        if p < alpha
+        else f"not flagged: p={p:.3g} ≥ α={alpha:g}"
     )

@@ -3,6 +3,9 @@
 :mod:`potstill.forensics.radioactivity`: did a suspect model train on text that carries
 our watermark? (Sander et al. 2024, "Watermarking Makes Language Models Radioactive"),
 in open mode (we can run the suspect) or closed mode (we only see its outputs).
+:mod:`potstill.forensics.soft`: the open-mode test on the suspect's green probability mass.
+:mod:`potstill.forensics.provenance`: no watermark; is the suspect closer to our teacher
+than independent controls? (Nikolic et al. 2025).
 :mod:`potstill.forensics.stats`: Holm–Bonferroni for several keys/suspects.
 Names are imported lazily: ``import potstill.forensics`` does not import torch.
 """
@@ -14,6 +17,7 @@ from typing import TYPE_CHECKING
 from potstill._lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from potstill.forensics.provenance import Candidate, Endpoint, ProvenanceResult, provenance_test
     from potstill.forensics.radioactivity import (
         RadioactivityResult,
         collect_closed_tuples,
@@ -24,6 +28,7 @@ if TYPE_CHECKING:
         radioactivity_open_keys,
         score_corpus,
     )
+    from potstill.forensics.soft import SoftResult, collect_soft, radioactivity_soft, score_soft
     from potstill.forensics.stats import holm_adjusted, holm_bonferroni
 
 _EXPORTS = {
@@ -37,19 +42,35 @@ _EXPORTS = {
     "score_corpus": "radioactivity",
     "holm_adjusted": "stats",
     "holm_bonferroni": "stats",
+    "Candidate": "provenance",
+    "Endpoint": "provenance",
+    "ProvenanceResult": "provenance",
+    "provenance_test": "provenance",
+    "SoftResult": "soft",
+    "collect_soft": "soft",
+    "radioactivity_soft": "soft",
+    "score_soft": "soft",
 }
 
 __all__ = [
+    "Candidate",
+    "Endpoint",
+    "ProvenanceResult",
     "RadioactivityResult",
+    "SoftResult",
     "collect_closed_tuples",
     "collect_generations",
     "collect_open_tuples",
+    "collect_soft",
     "holm_adjusted",
     "holm_bonferroni",
+    "provenance_test",
     "radioactivity_closed",
     "radioactivity_open",
     "radioactivity_open_keys",
+    "radioactivity_soft",
     "score_corpus",
+    "score_soft",
 ]
 
 

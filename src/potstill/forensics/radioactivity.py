@@ -258,7 +258,7 @@ def score_corpus(
     )
 
 
-def _window_sets(
+def window_sets(
     tokenizer: PreTrainedTokenizerBase,
     k: int,
     prompts: Sequence[str] | None,
@@ -337,7 +337,7 @@ def radioactivity_open_keys(
     """:func:`radioactivity_open` under several keys, running the suspect only once."""
     _check_texts(texts, "the watermarked corpus")
     k = params.context_width
-    excl, filt = _window_sets(tokenizer, k, prompts, filter_texts, exclude_prompt_windows)
+    excl, filt = window_sets(tokenizer, k, prompts, filter_texts, exclude_prompt_windows)
     tuples, n_tokens, n_copies = collect_open_tuples(
         suspect_model,
         tokenizer,
@@ -384,7 +384,7 @@ def radioactivity_closed(
     """Closed-mode test on the suspect's generations ``texts`` (answers to ``prompts``)."""
     _check_texts(texts, "the suspect's corpus")
     k = params.context_width
-    excl, filt = _window_sets(tokenizer, k, prompts, filter_texts, exclude_prompt_windows)
+    excl, filt = window_sets(tokenizer, k, prompts, filter_texts, exclude_prompt_windows)
     tuples, n_tokens = collect_closed_tuples(texts, tokenizer, k)
     return score_corpus(
         tuples,

@@ -188,6 +188,40 @@ def plot_loss_curves(
     return atomic_write_bytes(out_png, buf.getvalue())
 
 
+def plot_pvalues(
+    rows: Sequence[tuple[str, str, float]], alpha: float, out_png: Path, *, title: str
+) -> Path:
+    """Bars of ``-log10 p`` for ``(test, model, p)`` rows, with the ``alpha`` line.
+
+    A bar past the dashed line is a flag. p-values below 1e-300 are drawn at 300.
+    Writes ``out_png`` atomically and returns it.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not rows:
+        raise PotstillError("no p-values to plot")
+    fig = Figure(figsize=(7.5, 0.5 * len(rows) + 1.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    tests = list(dict.fromkeys(r[0] for r in rows))
+    heights = [min(300.0, -math.log10(max(r[2], 1e-300))) for r in rows]
+    colors = [f"C{tests.index(r[0]) % 10}" for r in rows]
+    ax.barh(range(len(rows)), heights, color=colors)
+    ax.set_yticks(range(len(rows)), [f"{t}: {m}" for t, m, _ in rows], fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(-math.log10(alpha), color="black", linestyle="--", label=f"α = {alpha:g}")
+    for i, (h, r) in enumerate(zip(heights, rows)):
+        ax.text(h, i, f" p={r[2]:.2g}", va="center", fontsize=8)
+    ax.set_xlabel("-log10 p (longer bar = stronger evidence)")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return atomic_write_bytes(out_png, buf.getvalue())
+
+
 def _plain(obj: Any) -> Any:
     """Settings/results -> YAML/JSON-safe builtins: pydantic models and dataclasses to
     dicts, scalars unwrapped, non-finite floats to None, anything else (paths) to str."""

@@ -51,7 +51,9 @@ def _add_watermark_args(p: argparse.ArgumentParser, *, multi_key: bool = False) 
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    a = sub.add_parser("audit", help="watermark keys, detection and radioactivity tests")
+    a = sub.add_parser(
+        "audit", help="watermark keys, detection, radioactivity and provenance tests"
+    )
     asub = a.add_subparsers(dest="audit_verb", required=True, metavar="AUDIT_VERB")
 
     k = asub.add_parser("keygen", help="write a new random watermark key (hex, mode 0600)")
@@ -81,7 +83,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--watermarked", help="our watermarked texts (required in open mode)")
     r.add_argument("--prompts", help="prompts (their windows are excluded; sent to a URL suspect)")
     r.add_argument("--filter", action="store_true", help="score only windows in --watermarked")
-    r.add_argument("--tokenizer", help="model spec of the watermarking model (its tokenizer)")
+    r.add_argument(
+        "--tokenizer",
+        help="model spec of the watermarking model; its tokenizer must be the suspect's in "
+        "open mode, and it splits the suspect's text in closed mode (required)",
+    )
+    r.add_argument(
+        "--score",
+        choices=("soft", "argmax"),
+        help="open mode: the suspect's green probability mass (soft; default for KGW) or its "
+        "top-1 prediction (argmax; the only choice for Gumbel and closed mode)",
+    )
+    r.add_argument(
+        "--weighting",
+        choices=("sum", "mean"),
+        default="sum",
+        help="soft: a repeated window's mass summed over its occurrences (sum) or averaged",
+    )
+    r.add_argument("--top-k", type=int, default=64, help="soft: tokens kept per position (64)")
     r.add_argument("--alpha", type=float, default=0.01, help="significance level (0.01)")
     r.add_argument("--no-prompt-exclusion", action="store_true", help="keep prompt windows")
     r.add_argument(
@@ -96,6 +115,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--out", help="also write the JSON result here")
     _add_watermark_args(r, multi_key=True)
     r.set_defaults(func=cmd_radioactivity)
+
+    from potstill.forensics.cli import add_provenance
+
+    add_provenance(asub)
 
 
 def read_texts(path: str | Path) -> list[list[str]]:
@@ -252,14 +275,30 @@ def _run_one(
     common: dict[str, Any] = {
         "prompts": prompts,
         "filter_texts": watermarked if args.filter else None,
-        "dedup": not args.no_dedup,
         "exclude_prompt_windows": not args.no_prompt_exclusion,
     }
     if args.mode == "open":
         assert watermarked is not None
         model, tok = load_model(suspect)
-        if args.tokenizer:
-            _tokenizer_check(load_tokenizer(args.tokenizer), args.tokenizer, tok, suspect)
+        _tokenizer_check(load_tokenizer(args.tokenizer), args.tokenizer, tok, suspect)
+        if args.score == "soft":
+            from potstill.forensics.soft import radioactivity_soft
+
+            return list(
+                radioactivity_soft(
+                    model,
+                    tok,
+                    watermarked,
+                    keys,
+                    params,
+                    weighting=args.weighting,
+                    top_k=args.top_k,
+                    batch_size=max(1, args.batch_size // 2),  # [B, T, V] fp32 logits
+                    max_tokens=args.max_tokens,
+                    **common,
+                )
+            )
+        common["dedup"] = not args.no_dedup
         return radioactivity_open_keys(
             model,
             tok,
@@ -278,7 +317,34 @@ def _run_one(
         )
     tok = load_tokenizer(args.tokenizer)
     texts = _suspect_texts(args, suspect, prompts)
+    common["dedup"] = not args.no_dedup
     return [radioactivity_closed(texts, tok, key, params, **common) for key in keys]
+
+
+def _resolve_score(args: argparse.Namespace, params: WatermarkParams) -> None:
+    """Default ``--score`` (soft where it is valid) and refuse combinations that are not."""
+    from potstill.errors import PotstillError
+
+    if args.mode == "open" and not args.tokenizer:
+        raise PotstillError(
+            "open mode needs --tokenizer SPEC: the watermarking model, whose tokenizer must be "
+            "the suspect's (token-level scores mean nothing across tokenizers)"
+        )
+    soft_ok = args.mode == "open" and params.scheme == "kgw"
+    if args.score is None:
+        args.score = "soft" if soft_ok else "argmax"
+    elif args.score == "soft" and not soft_ok:
+        raise PotstillError(
+            "--score soft needs open mode and a KGW watermark (green lists over the suspect's "
+            "distribution): use --score argmax"
+        )
+    if args.top_k < 1:
+        raise PotstillError(f"--top-k must be >= 1, got {args.top_k} (e.g. 64)")
+    if args.score == "soft" and args.no_dedup:
+        raise PotstillError(
+            "--no-dedup applies to --score argmax and closed mode; the soft test merges a "
+            "window's occurrences exactly (choose how with --weighting)"
+        )
 
 
 def cmd_radioactivity(args: argparse.Namespace) -> int:
@@ -296,6 +362,7 @@ def cmd_radioactivity(args: argparse.Namespace) -> int:
         raise PotstillError("open mode needs --watermarked FILE: our watermarked texts")
     if args.filter and not args.watermarked:
         raise PotstillError("--filter needs --watermarked FILE (the windows to keep)")
+    _resolve_score(args, params)
     watermarked = _flat(read_texts(args.watermarked)) if args.watermarked else None
     prompts = _flat(read_texts(args.prompts)) if args.prompts else None
     rows: list[dict[str, Any]] = []

@@ -1,0 +1,221 @@
+"""`potstill audit provenance`: the paired test, Holm over controls, null false flags, bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from potstill.cli import main
+from potstill.errors import PotstillError
+from potstill.forensics.provenance import (
+    Candidate,
+    Endpoint,
+    min_prompts,
+    per_prompt_statistic,
+    provenance_test,
+)
+from potstill.forensics.stats import holm_adjusted
+from potstill.harvest.prompts import default_prompts
+
+from .test_cli import _tokenizer_mismatch_dir
+
+PROMPTS = default_prompts(16, seed=3)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Any:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny(seed: int) -> Candidate:
+    """A tiny random Llama whose layers are scaled up 10x.
+
+    As built, a tiny model's residual stream is its input embedding, so every one of them
+    greedily repeats the last token: all would "agree" with any teacher. Scaled layers give
+    each seed its own continuations.
+    """
+    from potstill.teachers import load_model
+
+    model, tok = load_model(f"tiny:{seed}")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith(("norm.weight", "embed_tokens.weight")):
+                p.mul_(10.0)
+    return Candidate(f"tiny:{seed}", model, tok)
+
+
+def derivative(base: Candidate, noise: float, seed: int) -> Candidate:
+    """The base's weights plus Gaussian noise: a model that inherited the base's behaviour."""
+    model = copy.deepcopy(base.model)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * noise * p.std().clamp_min(1e-3))
+    return Candidate(f"{base.name}+noise{noise}", model, base.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def teacher() -> Candidate:
+    return tiny(0)
+
+
+@pytest.fixture(scope="module")
+def independents() -> list[Candidate]:
+    return [tiny(s) for s in range(1, 6)]
+
+
+def test_a_derivative_is_flagged_and_the_p_value_is_scipys(
+    teacher: Candidate, independents: list[Candidate]
+) -> None:
+    suspect = derivative(teacher, 0.1, seed=1)
+    res = provenance_test(suspect, teacher, independents[:2], PROMPTS, alpha=0.01, new_tokens=8)
+    assert res.statistic == "agreement" and res.n_prompts == len(PROMPTS)
+    assert res.flagged and res.p_value < 1e-3, res.verdict()
+    assert "flagged" in res.verdict() and not res.verdict().startswith("not")
+    # the per-prompt values, the one-sided paired t-test and Holm, checked against scipy
+    values = per_prompt_statistic("agreement", teacher, [suspect, *independents[:2]], PROMPTS, 8)
+    assert np.mean(values[0]) > 0.2 > max(np.mean(v) for v in values[1:])
+    raw = [stats.ttest_rel(values[0], v, alternative="greater").pvalue for v in values[1:]]
+    assert [c.p_value for c in res.comparisons] == pytest.approx(raw, rel=1e-9)
+    assert [c.p_holm for c in res.comparisons] == pytest.approx(holm_adjusted(raw), rel=1e-9)
+    assert res.comparisons[0].suspect_mean > res.comparisons[0].control_mean
+
+
+def test_independent_models_are_not_flagged(
+    teacher: Candidate, independents: list[Candidate]
+) -> None:
+    """Every independent model as the suspect against the other four: no false flag."""
+    ps = []
+    for i, suspect in enumerate(independents):
+        others = independents[:i] + independents[i + 1 :]
+        res = provenance_test(suspect, teacher, others, PROMPTS, alpha=0.01, new_tokens=8)
+        assert not res.flagged, res.verdict()
+        ps.append(res.p_value)
+    assert min(ps) > 0.01
+
+
+def test_one_control_that_is_also_a_derivative_blocks_the_flag(
+    teacher: Candidate, independents: list[Candidate]
+) -> None:
+    """Flagged means closer than *every* control: a sibling derivative is not beaten."""
+    suspect = derivative(teacher, 0.1, seed=1)
+    sibling = derivative(teacher, 0.05, seed=2)
+    res = provenance_test(
+        suspect, teacher, [independents[0], sibling], PROMPTS, alpha=0.01, new_tokens=8
+    )
+    assert not res.flagged
+    assert res.comparisons[0].rejected and not res.comparisons[1].rejected
+
+
+def test_teacher_ll_works_across_tokenizers_and_endpoints(
+    teacher: Candidate, independents: list[Candidate]
+) -> None:
+    """An endpoint answering with the teacher's own greedy text is flagged by teacher_ll."""
+    answers = dict(zip(PROMPTS, teacher.answers(PROMPTS, 8)))
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        assert request.url.path == "/v1/completions" and body["temperature"] == 0.0
+        return httpx.Response(200, json={"choices": [{"text": answers[body["prompt"]]}]})
+
+    api = Endpoint(
+        "api", "http://suspect", client=httpx.Client(transport=httpx.MockTransport(handler))
+    )
+    res = provenance_test(api, teacher, independents[:2], PROMPTS, statistic="auto", new_tokens=8)
+    assert res.statistic == "teacher_ll" and res.flagged
+    assert any("not checked" in w for w in res.warnings)
+    with pytest.raises(PotstillError, match="teacher_ll"):
+        provenance_test(api, teacher, independents[:2], PROMPTS, statistic="agreement")
+
+    def broken(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"id": "x"})
+
+    bad = Endpoint(
+        "bad", "http://suspect", client=httpx.Client(transport=httpx.MockTransport(broken))
+    )
+    with pytest.raises(PotstillError, match="without choices"):
+        provenance_test(bad, teacher, independents[:2], PROMPTS, new_tokens=8)
+
+
+def test_weaker_controls_are_warned_about(
+    teacher: Candidate, independents: list[Candidate]
+) -> None:
+    """A control much worse on the prompts than the suspect: the result says so."""
+    from potstill.teachers import load_model
+
+    model, tok = load_model("tiny:9")
+    with torch.no_grad():  # confidently wrong: repeats each input token with ~all its mass
+        model.get_input_embeddings().weight.mul_(4.0)
+    strong = derivative(teacher, 0.1, seed=1)
+    res = provenance_test(strong, teacher, [Candidate("small", model, tok), independents[0]],
+                          PROMPTS, new_tokens=4)  # fmt: skip
+    small, peer = res.comparisons
+    assert small.control_prompt_ll < res.suspect_prompt_ll - 0.02
+    assert next(w for w in res.warnings if "weaker" in w).startswith("control small is weaker")
+    if peer.control_prompt_ll >= res.suspect_prompt_ll - 0.02:
+        assert not any("control tiny:1" in w for w in res.warnings)
+
+
+def test_bad_input_is_refused(
+    teacher: Candidate, independents: list[Candidate], tmp_path: Path
+) -> None:
+    with pytest.raises(PotstillError, match="at least one control"):
+        provenance_test(independents[0], teacher, [], PROMPTS)
+    assert min_prompts(20, 0.01) == 12 and min_prompts(1, 0.05) == 10
+    with pytest.raises(PotstillError, match="at least 10"):
+        provenance_test(independents[0], teacher, independents[1:3], PROMPTS[:5])
+    from potstill.teachers import load_model
+
+    model, tok = load_model(str(_tokenizer_mismatch_dir(tmp_path)))
+    other = Candidate("other-tokenizer", model, tok)
+    with pytest.raises(PotstillError, match="teacher_ll"):
+        provenance_test(other, teacher, independents[1:3], PROMPTS, statistic="agreement")
+
+
+def test_cli_writes_json_and_refuses_bad_input(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    teacher: Candidate,
+    independents: list[Candidate],
+) -> None:
+    dirs = {}
+    models = [("teacher", teacher), ("suspect", derivative(teacher, 0.1, seed=1)),
+              ("c1", independents[0]), ("c2", independents[1])]  # fmt: skip
+    for name, cand in models:
+        dirs[name] = tmp_path / name
+        cand.model.save_pretrained(dirs[name])
+        cand.tokenizer.save_pretrained(dirs[name])
+    out = tmp_path / "prov.json"
+    argv = ["audit", "provenance", "--suspect", str(dirs["suspect"]), "--teacher",
+            str(dirs["teacher"]), "--controls", str(dirs["c1"]), str(dirs["c2"]),
+            "--n-prompts", "16", "--new-tokens", "8", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    printed, err = capsys.readouterr()
+    res = json.loads(out.read_text())
+    assert json.loads(printed) == res
+    assert res["flagged"] and res["statistic"] == "agreement" and len(res["comparisons"]) == 2
+    assert err.strip().splitlines()[-1].startswith("flagged:")
+    base = ["audit", "provenance", "--suspect", "tiny:0", "--teacher", "tiny:0"]
+    assert main(base) == 2
+    assert "--controls is empty" in capsys.readouterr().err
+    assert main([*base, "--controls", "tiny:1", "--n-prompts", "4"]) == 2
+    assert "use at least 10" in capsys.readouterr().err
+    assert main([*base, "--controls", "tiny:1", "--teacher", "http://x"]) == 2
+    assert "local model" in capsys.readouterr().err
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("one\n\ntwo\n")
+    assert (
+        main([*base, "--controls", "tiny:1", "--prompts", str(prompts), "--n-prompts", "10"]) == 2
+    )
+    assert "fewer than --n-prompts" in capsys.readouterr().err
