@@ -1,6 +1,6 @@
 """Radioactivity on a real vocabulary: SmolLM2 students of SmolLM2's watermarked answers.
 
-    python benchmarks/radioactivity_real.py            # full CPU run (~40 min on 2 cores)
+    python benchmarks/radioactivity_real.py            # full CPU run (~30 min on 2 cores)
     python benchmarks/radioactivity_real.py --quick    # smoke run
 
 The toy in ``radioactivity.py`` (a 16-symbol teacher) has only ~230 distinct windows, which
@@ -14,7 +14,8 @@ the library defaults (gamma 0.25, delta 2, context width 2), sampling at tempera
    every rho. The student starts from SmolLM2-135M-Instruct itself (as in Sander et al., who
    fine-tune Llama-2 on Llama-2-chat's outputs: same family, and the base is clean because
    it never saw a watermarked token) and is fine-tuned by ``run_distill`` (SFT on the
-   assistant tokens, full parameters).
+   assistant tokens; the top ``train_top_layers`` decoder layers and the final norm train, the
+   rest is frozen, which makes a step 2.5x faster on 2 cores).
 3. Audits in open mode teacher-force the owner's whole watermarked pool (the N training-prompt
    answers: the owner does not know which the thief used) through each student: the soft test
    (weighting "sum" and "mean") and the argmax test, on the same students. The prompts are
@@ -74,14 +75,15 @@ def settings_for(quick: bool) -> dict[str, Any]:
         "delta": 2.0,
         "context_width": 2,
         "gen_temperature": 1.0,
-        "answer_tokens": 96,
-        "n_train": 160,
-        "n_heldout": 32,
-        "gen_batch": 32,
-        "epochs": 2,
+        "answer_tokens": 80,
+        "n_train": 120,
+        "n_heldout": 24,
+        "gen_batch": 33,
+        "epochs": 3,
         "micro_batch": 4,
-        "lr": 5e-5,
-        "seq_len": 192,
+        "lr": 2e-4,
+        "train_top_layers": 8,  # of 30: 2.5x faster steps on this CPU (395 vs 155 tokens/s)
+        "seq_len": 160,
         "null_keys": 700,
         "threads": 2,
         "top_k": 64,
@@ -170,7 +172,8 @@ def train_student(
         {
             "out_dir": str(work / f"run_rho_{rho:g}"),
             "teacher": {"spec": "none"},
-            "student": {"init": "checkpoint", "checkpoint": str(resolve_model_dir(TEACHER))},
+            "student": {"init": "checkpoint", "checkpoint": str(resolve_model_dir(TEACHER)),
+                        "train_top_layers": s["train_top_layers"]},
             "loss": {"ce_weight": 1.0},
             "optim": {"lr": s["lr"], "warmup_steps": 5, "weight_decay": 0.0},
             "data": {"train": f"messages:{path}", "eval": None, "seq_len": s["seq_len"]},
@@ -368,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     top["min_rho_detected_1e-5_argmax_real"] = best("argmax")
     block = {
         "teacher": TEACHER,
-        "student": "SmolLM2-135M-Instruct fine-tuned (full, SFT on assistant tokens)",
+        "student": f"SmolLM2-135M-Instruct, top {s['train_top_layers']} of 30 layers fine-tuned (SFT on assistant tokens)",
         "settings": {**s, "quick": args.quick, "key_id": KEY.key_id, "watermark": params.to_dict()},
         "corpus": reuse | {"generation_s": corpus.get("generation_s")},
         "per_rho": per,

@@ -145,3 +145,24 @@ def test_ce_only_baseline_loads_no_teacher(tmp_path: Path, monkeypatch: pytest.M
     run = run_distill(tiny_cfg(tmp_path / "ce", **{"loss.ce_weight": 1.0}), show_progress=False)
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(r.get("kd") is None for r in rows if r["split"] == "train")
+
+
+def test_train_top_layers_freezes_everything_below(tmp_path: Path) -> None:
+    """Only the top decoder layer and the final norm move; embeddings and the rest do not."""
+    base = tmp_path / "base"
+    first = run_distill(tiny_cfg(base, **{"student.layers": 2}), show_progress=False)
+    cfg = tiny_cfg(tmp_path / "top", **{"student.init": "checkpoint",
+                   "student.checkpoint": str(first / "student"), "student.train_top_layers": 1})  # fmt: skip
+    run = run_distill(cfg, show_progress=False)
+    before, after = student_weights(first), student_weights(run)
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith(("model.layers.1.", "model.norm.")) for k in moved)
+    assert "model.embed_tokens.weight" not in moved
+    with pytest.raises(PotstillError, match="at most 2"):
+        recipe.freeze_below(_two_layer(first), 3)
+
+
+def _two_layer(run: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(run / "student")

@@ -229,15 +229,43 @@ def tokenizer_spec(cfg: DistillConfig) -> str:
 
 def load_student(cfg: DistillConfig, tokenizer: Any) -> nn.Module:
     if cfg.student.init == "scratch":
-        return build_student(cfg.student, tokenizer, max_len=cfg.data.seq_len)
-    from potstill.teachers import check_tokenizers_agree, load_model
+        model = build_student(cfg.student, tokenizer, max_len=cfg.data.seq_len)
+    else:
+        from potstill.teachers import check_tokenizers_agree, load_model
 
-    assert cfg.student.checkpoint is not None
-    model, tok = load_model(cfg.student.checkpoint)
-    check_tokenizers_agree(
-        tokenizer, tok, teacher_name=cfg.teacher.spec, student_name=cfg.student.checkpoint
-    )
+        assert cfg.student.checkpoint is not None
+        model, tok = load_model(cfg.student.checkpoint)
+        check_tokenizers_agree(
+            tokenizer, tok, teacher_name=cfg.teacher.spec, student_name=cfg.student.checkpoint
+        )
+    if cfg.student.train_top_layers is not None:
+        freeze_below(model, cfg.student.train_top_layers)
     return model
+
+
+def freeze_below(model: nn.Module, top: int) -> None:
+    """Leave only the top ``top`` decoder layers and the final norm trainable."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise PotstillError(
+            "student.train_top_layers needs a decoder with model.layers (Llama-like); "
+            "unset it to train every parameter"
+        )
+    if top > len(layers):
+        raise PotstillError(
+            f"student.train_top_layers={top} but the student has {len(layers)} layers; "
+            f"use at most {len(layers)}"
+        )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in list(layers)[len(layers) - top :]:
+        for p in layer.parameters():
+            p.requires_grad_(True)
+    norm = getattr(inner, "norm", None)
+    if norm is not None:
+        for p in norm.parameters():
+            p.requires_grad_(True)
 
 
 def check_sparse_temperature(cfg: DistillConfig, *, sparse: bool) -> None:
