@@ -51,7 +51,11 @@ def provenance(started: float, **extra: Any) -> dict[str, Any]:
         threads = sys.modules["torch"].get_num_threads()
     return {
         "commit": _git("rev-parse", "HEAD"),
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        # results files are outputs, not code: a run that rewrites its own tracked results
+        # (or another benchmark's) before this call is not running modified code
+        "dirty": bool(
+            _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":!benchmarks/results")
+        ),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "started": utc(started),
         "ended": utc(time.time()),

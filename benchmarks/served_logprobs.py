@@ -11,7 +11,8 @@ for ``ServeSettings.logprobs_source``:
 3. a student is distilled from the store by pure top-k KD (``loss.ce_weight=0``: the sampled
    text is only the context, the targets are the logprobs), from the same init and seed;
 4. the student is audited for radioactivity with the owner's key: open mode on the harvested
-   (watermarked) answers and on held-out watermarked answers it never saw.
+   (watermarked) answers and on held-out watermarked answers it never saw, with the argmax
+   test and the soft test (the student's green probability mass, weighting "sum").
 
 With ``raw`` the targets are the undefended teacher's, so the student should look clean; with
 ``served`` they are the watermarked distribution. Writes ``results/served_logprobs.json``.
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     s = radio.settings_for(False)
     torch.set_num_threads(s["threads"])
-    from potstill.forensics import collect_open_tuples, score_corpus
+    from potstill.forensics import collect_open_tuples, collect_soft, score_corpus, score_soft
     from potstill.forensics.radioactivity import windows_of
     from potstill.harvest import store as st
     from potstill.teachers import load_tokenizer
@@ -149,11 +150,18 @@ def main(argv: list[str] | None = None) -> int:
                 r = score_corpus(tuples, radio.KEY, params, mode="open", n_texts=len(pool),
                                  n_tokens=n_tok, prompt_windows=excl, n_excluded_copies=n_cp)  # fmt: skip
                 audit[name] = {"p": r.p_value, "n_scored": r.n_scored, "green_rate": r.statistic}
+                soft = score_soft(collect_soft(model, tok, pool, k, prompt_windows=excl),
+                                  radio.KEY, params, weighting="sum")  # fmt: skip
+                audit[f"{name}_soft"] = {"p": soft.p_value, "log10_p": soft.log10_p,
+                                         "p_bound": soft.p_bound, "n_scored": soft.n_scored,
+                                         "green_share": soft.statistic}  # fmt: skip
             runs[source] = {"harvest": h, "top5_green_mass_share": green_mass,
                             "final_train_kd": last.get("kd"), "audit": audit,
                             "seconds": time.perf_counter() - t0}  # fmt: skip
             print(f"{source:6s} top-5 green share {green_mass:.3f}  open p {audit['open']['p']:.3g}  "
-                  f"held-out p {audit['open_heldout']['p']:.3g}")  # fmt: skip
+                  f"held-out p {audit['open_heldout']['p']:.3g}  soft open p "
+                  f"{audit['open_soft']['p']:.3g}  soft held-out p "
+                  f"{audit['open_heldout_soft']['p']:.3g}")  # fmt: skip
     result = {
         "benchmark": "served_logprobs",
         "settings": {
@@ -173,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         "p_open_served": runs["served"]["audit"]["open"]["p"],
         "p_heldout_raw": runs["raw"]["audit"]["open_heldout"]["p"],
         "p_heldout_served": runs["served"]["audit"]["open_heldout"]["p"],
+        "p_open_soft_raw": runs["raw"]["audit"]["open_soft"]["p"],
+        "p_open_soft_served": runs["served"]["audit"]["open_soft"]["p"],
+        "p_heldout_soft_raw": runs["raw"]["audit"]["open_heldout_soft"]["p"],
+        "p_heldout_soft_served": runs["served"]["audit"]["open_heldout_soft"]["p"],
         "provenance": provenance(started),
     }
     atomic_write_json(args.out, result)

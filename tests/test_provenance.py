@@ -138,6 +138,21 @@ def test_teacher_ll_works_across_tokenizers_and_endpoints(
     with pytest.raises(PotstillError, match="teacher_ll"):
         provenance_test(api, teacher, independents[:2], PROMPTS, statistic="agreement")
 
+    # ll_T - ll_R with R an independent model: still flagged, and R is recorded
+    ref = provenance_test(api, teacher, independents[:2], PROMPTS, statistic="teacher_ll",
+                          new_tokens=8, reference=independents[4])  # fmt: skip
+    assert ref.flagged and ref.settings["reference"] == "tiny:5"
+    # with the teacher as its own reference every value is exactly 0: no evidence at all
+    same = provenance_test(api, teacher, independents[:2], PROMPTS, statistic="teacher_ll",
+                           new_tokens=8, reference=Candidate("T", teacher.model, teacher.tokenizer))  # fmt: skip
+    assert not same.flagged and all(c.mean_diff == 0.0 for c in same.comparisons)
+    with pytest.raises(PotstillError, match="also tested"):
+        provenance_test(api, teacher, independents[:2], PROMPTS, statistic="teacher_ll",
+                        reference=independents[0])  # fmt: skip
+    with pytest.raises(PotstillError, match="teacher_ll only"):
+        provenance_test(independents[2], teacher, independents[:2], PROMPTS,
+                        statistic="agreement", reference=independents[4])  # fmt: skip
+
     def broken(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, json={"id": "x"})
 

@@ -31,6 +31,10 @@ def add_provenance(asub: argparse._SubParsersAction) -> None:
         default="auto",
         help="agreement (same tokenizer) or teacher_ll (any); auto picks agreement when it can",
     )
+    p.add_argument(
+        "--reference",
+        help="teacher_ll: an independent model R (not tested); scores ll_T - ll_R per byte",
+    )
     p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt (32)")
     p.add_argument("--alpha", type=float, default=0.01, help="family-wise level (0.01)")
     p.add_argument("--api-model", default="default", help="model name sent to URL models")
@@ -98,9 +102,14 @@ def cmd_provenance(args: argparse.Namespace) -> int:
     assert isinstance(teacher, Candidate)
     suspect = _load(args.suspect, args.api_model)
     controls = [_load(c, args.api_model) for c in args.controls]
+    reference = None
+    if args.reference:
+        if args.reference.startswith(("http://", "https://")):
+            raise PotstillError("--reference must be a local model spec: it scores every answer")
+        reference = _load(args.reference, args.api_model)
     res = provenance_test(
-        suspect, teacher, controls, prompts,
-        statistic=args.statistic, alpha=args.alpha, new_tokens=args.new_tokens,
+        suspect, teacher, controls, prompts, statistic=args.statistic, alpha=args.alpha,
+        new_tokens=args.new_tokens, reference=reference,
     )  # fmt: skip
     text = json.dumps(res.to_dict(), indent=2, ensure_ascii=False, allow_nan=True)
     print(text)

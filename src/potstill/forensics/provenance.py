@@ -13,8 +13,12 @@ API answer such prompts), raw otherwise.
 - ``agreement`` (same tokenizer as the teacher): the teacher writes a greedy continuation of
   each prompt; the model is teacher-forced through prompt + continuation and scores the
   fraction of continuation positions where its argmax is the teacher's token.
-- ``teacher_ll`` (any tokenizers): the model writes a greedy continuation; the teacher's mean
-  log-likelihood per token of that text (re-tokenised by the teacher) given the prompt.
+- ``teacher_ll`` (any tokenizers): the model writes a greedy continuation; the teacher's
+  log-likelihood of that text (re-tokenised by the teacher) given the prompt, in nats per byte.
+  Fluent, repetitive text is likely under any competent model, so this alone can rank an
+  independent model above a weaker derivative. With a ``reference`` model R (independent of
+  the teacher and not under test) the value is ``ll_T - ll_R`` per byte: how much more the
+  teacher likes the answer than R does, which cancels what makes a text easy for everyone.
 
 Test. For suspect S, control c and prompt i, ``d_i = stat_i(S) - stat_i(c)``. H0_c: ``E d <= 0``
 ("the suspect is no closer to the teacher than control c"), one-sided paired t-test (prompts
@@ -283,16 +287,21 @@ def agreement_scores(
 def teacher_ll_scores(
     teacher: Candidate, prompts: Sequence[str], answers: Sequence[str]
 ) -> list[float]:
-    """Per prompt: the teacher's mean log-prob per token of ``answers[i]`` after ``prompts[i]``."""
+    """Per prompt: ``teacher``'s log-likelihood of ``answers[i]`` after ``prompts[i]``, in nats
+    per UTF-8 byte of the answer (bytes, not tokens, so that models with different tokenizers
+    are on one scale; NaN for an empty answer)."""
     tok = teacher.tokenizer
     ps = [_encode(tok, as_prompt(tok, p)) for p in prompts]
     ans = [_encode(tok, a) for a in answers]
     out = []
-    for p, a, lp in zip(ps, ans, _forward_logprobs(teacher, [p + a for p, a in zip(ps, ans)])):
-        if not a:
+    for p, a, lp, text in zip(
+        ps, ans, _forward_logprobs(teacher, [p + a for p, a in zip(ps, ans)]), answers
+    ):
+        if not a or not text.encode():
             out.append(float("nan"))
             continue
-        out.append(float(lp[len(p) - 1 : len(p) + len(a) - 1].gather(1, _col(a)).mean()))
+        total = float(lp[len(p) - 1 : len(p) + len(a) - 1].gather(1, _col(a)).sum())
+        out.append(total / len(text.encode()))
     return out
 
 
@@ -323,6 +332,7 @@ def per_prompt_statistic(
     models: Sequence[Model],
     prompts: Sequence[str],
     n_new: int,
+    reference: Candidate | None = None,
 ) -> list[list[float]]:
     """``[model][prompt]`` values of ``statistic`` (see the module doc)."""
     if statistic == "agreement":
@@ -336,7 +346,15 @@ def per_prompt_statistic(
         ids = [_encode(teacher.tokenizer, as_prompt(teacher.tokenizer, p)) for p in prompts]
         conts = greedy(teacher, ids, n_new)
         return [agreement_scores(m, ids, conts) for m in models if isinstance(m, Candidate)]
-    return [teacher_ll_scores(teacher, prompts, m.answers(prompts, n_new)) for m in models]
+    rows = []
+    for m in models:
+        answers = m.answers(prompts, n_new)
+        t = teacher_ll_scores(teacher, prompts, answers)
+        if reference is not None:  # how much more the teacher likes the answer than R does
+            r = teacher_ll_scores(reference, prompts, answers)
+            t = [a - b for a, b in zip(t, r)]
+        rows.append(t)
+    return rows
 
 
 @dataclass(frozen=True)
@@ -371,6 +389,7 @@ def score_models(
     *,
     statistic: Statistic | Literal["auto"] = "auto",
     new_tokens: int = 32,
+    reference: Candidate | None = None,
 ) -> tuple[Statistic, list[ModelScores]]:
     """Each model's per-prompt statistic (computed once; :func:`compare` reuses them)."""
     if statistic == "auto":
@@ -378,7 +397,14 @@ def score_models(
         statistic = "agreement" if same else "teacher_ll"
     if statistic not in STATISTICS:
         raise PotstillError(f"statistic must be one of {STATISTICS} or 'auto', got {statistic!r}")
-    values = per_prompt_statistic(statistic, teacher, models, prompts, new_tokens)
+    if reference is not None and statistic != "teacher_ll":
+        raise PotstillError("--reference applies to --statistic teacher_ll only")
+    if reference is not None and any(reference.name == m.name for m in models):
+        raise PotstillError(
+            f"the reference {reference.name} is also tested: a model scores its own greedy "
+            "answers too well; use a reference that is neither the suspect nor a control"
+        )
+    values = per_prompt_statistic(statistic, teacher, models, prompts, new_tokens, reference)
     return statistic, [
         ModelScores(
             m.name, v, prompt_ll_per_byte(m, prompts) if isinstance(m, Candidate) else math.nan
@@ -451,15 +477,17 @@ def provenance_test(
     statistic: Statistic | Literal["auto"] = "auto",
     alpha: float = 0.01,
     new_tokens: int = 32,
+    reference: Candidate | None = None,
 ) -> ProvenanceResult:
     """Is ``suspect`` closer to ``teacher`` than every control? See the module doc."""
     _check(len(controls), len(prompts), alpha)
     stat, scores = score_models(
-        teacher, [suspect, *controls], prompts, statistic=statistic, new_tokens=new_tokens
-    )
+        teacher, [suspect, *controls], prompts, statistic=statistic, new_tokens=new_tokens,
+        reference=reference,
+    )  # fmt: skip
     return compare(
         scores[0], scores[1:], teacher=teacher.name, statistic=stat, alpha=alpha,
-        settings={"new_tokens": new_tokens},
+        settings={"new_tokens": new_tokens, "reference": reference.name if reference else None},
     )  # fmt: skip
 
 

