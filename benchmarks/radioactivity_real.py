@@ -5,7 +5,8 @@
 
 The toy in ``radioactivity.py`` (a 16-symbol teacher) has only ~230 distinct windows, which
 bounds any test's power. Here the teacher is SmolLM2-135M-Instruct (49,152 tokens), KGW with
-the library defaults (gamma 0.25, delta 2, context width 2), sampling at temperature 1:
+the library defaults (gamma 0.25, delta 2, context width 2; ``--context-width 1`` runs the
+per-previous-token lists of the demo into its own block), sampling at temperature 1:
 
 1. The teacher answers ``n_train`` prompts twice, once watermarked and once clean, plus
    ``n_heldout`` prompts watermarked only (answers cached under $POTSTILL_CACHE/benchmarks).
@@ -294,10 +295,11 @@ def plot_qq(pvals: dict[str, list[float]], path: Path) -> None:
     plt.close(fig)
 
 
-def merge_into(path: Path, block: dict[str, Any], top: dict[str, Any]) -> None:
-    """Add ``block`` (and the top-level keys) to the results file, recording what is reused."""
+def merge_into(path: Path, block: dict[str, Any], top: dict[str, Any], name: str) -> None:
+    """Add ``block`` as ``name`` (and the top-level keys) to the results file, recording what
+    is reused. Other ``real_vocab*`` blocks are kept as they are: each holds its own provenance."""
     old: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    old.pop("real_vocab", None)
+    old.pop(name, None)
     for k in top:
         old.pop(k, None)
     reused_raw = json.dumps(old, sort_keys=True).encode()
@@ -308,7 +310,7 @@ def merge_into(path: Path, block: dict[str, Any], top: dict[str, Any]) -> None:
              "note": "the toy-teacher blocks come from an earlier radioactivity.py run"}  # fmt: skip
     if "reused_from_earlier_run" in old:  # already recorded by a previous merge: keep it
         reuse = old["reused_from_earlier_run"]
-    merged = {**top, **old, "real_vocab": block, "reused_from_earlier_run": reuse}
+    merged = {**top, **old, name: block, "reused_from_earlier_run": reuse}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(merged, indent=2, default=float) + "\n")
     tmp.replace(path)
@@ -321,12 +323,18 @@ def main(argv: list[str] | None = None) -> int:
         "--out", type=Path, help="results file (default: benchmarks/results/radioactivity.json; "
         "--quick: a file in the temp dir, so a smoke run never touches the results)",
     )  # fmt: skip
+    ap.add_argument(
+        "--context-width", type=int, default=2,
+        help="KGW window (2, the library default; another width writes its own block and keys)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     if args.out is None:
         quick_out = Path(tempfile.gettempdir()) / "radioactivity_real_quick.json"
         args.out = quick_out if args.quick else RESULTS / "radioactivity.json"
     started = time.time()
     s = settings_for(args.quick)
+    s["context_width"] = args.context_width
+    suffix = "" if args.context_width == 2 else f"_k{args.context_width}"
     torch.set_num_threads(s["threads"])
     params = WatermarkParams(
         "kgw", gamma=s["gamma"], delta=s["delta"], context_width=s["context_width"]
@@ -360,8 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     sources["teacher_on_clean"] = audit(s, teacher, tok, corpus["clean"], params)
     null, pvals = null_block(s, sources, params)
     stem = args.out.with_suffix("")
-    plot_power(per, Path(f"{stem}_real_power.png"))
-    plot_qq(pvals, Path(f"{stem}_real_null_qq.png"))
+    plot_power(per, Path(f"{stem}_real{suffix}_power.png"))
+    plot_qq(pvals, Path(f"{stem}_real{suffix}_null_qq.png"))
 
     def best(test: str, thr: float = 1e-5) -> float:
         hits = [r for r in RHOS if r > 0 and per[f"{r:g}"]["open"][test]["p"] < thr]
@@ -375,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     top["min_rho_detected_1e-5_soft"] = best("soft_sum")
     top["min_rho_detected_1e-5_soft_mean"] = best("soft_mean")
     top["min_rho_detected_1e-5_argmax_real"] = best("argmax")
+    top = {f"{k}{suffix}": v for k, v in top.items()}
     block = {
         "teacher": TEACHER,
         "student": f"SmolLM2-135M-Instruct, top {s['train_top_layers']} of 30 layers fine-tuned (SFT on assistant tokens)",
@@ -384,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         "null": null,
         "provenance": provenance(started),
     }
-    merge_into(args.out, block, top)
+    merge_into(args.out, block, top, f"real_vocab{suffix}")
     for r in RHOS:
         v = per[f"{r:g}"]["open"]
         print(f"rho={r:>5.0%}: soft(sum) p={v['soft_sum']['p']:.2e}  soft(mean) p={v['soft_mean']['p']:.2e}  "
@@ -392,8 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     for t, c in null["pooled"].items():
         print(f"null {t}: n={c['n']} KS p={c['ks_pvalue']:.3f} FPR@0.01={c['fpr_at_0.01']:.4f} "
               f"{c['fpr_at_0.01_ci99']} FPR@0.001={c['fpr_at_0.001']:.4f} {c['fpr_at_0.001_ci99']}")  # fmt: skip
-    print(f"min rho at p<1e-5: soft {top['min_rho_detected_1e-5_soft']}, argmax "
-          f"{top['min_rho_detected_1e-5_argmax_real']}; total {time.time() - started:.0f}s")  # fmt: skip
+    print(f"min rho at p<1e-5: soft {top[f'min_rho_detected_1e-5_soft{suffix}']}, argmax "
+          f"{top[f'min_rho_detected_1e-5_argmax_real{suffix}']}; total {time.time() - started:.0f}s")  # fmt: skip
     return 0
 
 

@@ -87,7 +87,7 @@ def settings_for(quick: bool) -> dict[str, Any]:
         "gemma_top_layers": 6,
         "gemma_lr": 1e-4,
         "micro_batch": 5,
-        "seq_len": 192,
+        "seq_len": 144,
         "n_tiny": 20,
         "tiny_steps": 40,
         "audit_prompts": 64,
@@ -304,11 +304,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--set", nargs="*", default=[], metavar="NAME=JSON",
+                    help="override a setting, e.g. --set n_answers=300 'n_grid=[100,300]'")  # fmt: skip
     args = ap.parse_args(argv)
     out_path = args.out or (Path(tempfile.gettempdir()) / "theft_quick.json" if args.quick
                             else RESULTS / "theft.json")  # fmt: skip
     started = time.time()
     s = settings_for(args.quick)
+    for item in args.set:
+        name, _, value = item.partition("=")
+        if name not in s:
+            ap.error(f"unknown setting {name!r}; known: {', '.join(s)}")
+        s[name] = json.loads(value)
+    if max(s["n_grid"]) != s["n_answers"] or any(n % s["micro_batch"] for n in s["n_grid"]):
+        ap.error("n_grid must end at n_answers and be multiples of micro_batch")
     torch.set_num_threads(s["threads"])
     with tempfile.TemporaryDirectory(prefix="potstill-theft-") as tmp:
         res = run(s, Path(tmp))

@@ -87,7 +87,8 @@ def test_demo_runs_end_to_end_on_tiny_models(
         assert prov["statistic"] == "agreement" and prov["n_prompts"] == 12
         assert [c["control"] for c in prov["comparisons"]] == ["start", "baseline"]
     assert bb["n_heldout_tokens"] > 0
-    assert "radioactivity, soft" in printed and "provenance (no watermark)" in printed
+    assert bb["audit"]["student"]["soft_mean"]["settings"]["weighting"] == "mean"
+    assert "radioactivity, soft (sum)" in printed and "provenance (no watermark)" in printed
     assert (out / "audit_pvalues.png").read_bytes()[:4] == b"\x89PNG"
     report = (out / "report.md").read_text()
     assert "audit_pvalues.png" in report

@@ -237,7 +237,9 @@ def _blackbox_markdown(bb: Any, s: dict[str, Any]) -> str:
         f"| test (alpha = {alpha:g}) | thief p | control p |",
         "|---|---|---|",
     ]
-    for name, key in (("radioactivity, soft", "soft"), ("radioactivity, argmax", "argmax")):
+    tests = (("radioactivity, soft (sum)", "soft"), ("radioactivity, soft (mean)", "soft_mean"),
+             ("radioactivity, argmax", "argmax"))  # fmt: skip
+    for name, key in tests:
         ps, pc = bb.audit["student"][key]["p_value"], bb.audit["control"][key]["p_value"]
         lines.append(f"| {name} | {ps:.3g} | {pc:.3g} |")
     ps, pc = bb.provenance["student"]["p_value"], bb.provenance["control"]["p_value"]

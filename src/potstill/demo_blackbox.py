@@ -242,7 +242,7 @@ def _audits(
     """Soft + argmax radioactivity and provenance of the thief and the control."""
     from potstill.forensics.provenance import Candidate, compare, score_models
     from potstill.forensics.radioactivity import radioactivity_open
-    from potstill.forensics.soft import radioactivity_soft
+    from potstill.forensics.soft import collect_soft, score_soft
     from potstill.harvest.export import store_examples
     from potstill.harvest.prompts import default_prompts
 
@@ -251,9 +251,11 @@ def _audits(
     texts = [ex["messages"][-1]["content"] for ex in store_examples(out / "harvest.sqlite")]
     radio: dict[str, Any] = {}
     for who in ("student", "control"):
-        soft = radioactivity_soft(models[who], tok, texts, [key], wm, weighting="sum")[0]
+        corpus = collect_soft(models[who], tok, texts, wm.context_width)  # one pass, two weightings
+        soft = score_soft(corpus, key, wm, weighting="sum")
+        mean = score_soft(corpus, key, wm, weighting="mean")
         hard = radioactivity_open(models[who], tok, texts, key, wm)
-        radio[who] = {"soft": soft.to_dict(), "argmax": hard.to_dict()}
+        radio[who] = {"soft": soft.to_dict(), "soft_mean": mean.to_dict(), "argmax": hard.to_dict()}
     # Fresh prompts (seed 1), never harvested: closeness must show beyond the training set.
     prompts = default_prompts(s["provenance_prompts"], seed=1)
     names = ("student", "control", "start", "baseline")
