@@ -24,7 +24,7 @@ from potstill.config import DistillConfig
 DEFAULTS: dict[str, Any] = {
     "teacher": "smollm2-135m-instruct",
     "teacher_dtype": "auto",
-    "steps": 80,
+    "steps": 40,
     "student_layers": 4,
     "student_width": 256,
     "seq_len": 128,

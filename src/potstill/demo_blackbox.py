@@ -34,7 +34,8 @@ BLACKBOX_DEFAULTS: dict[str, Any] = {
     "top_logprobs": 5,
     "concurrency": 16,
     "max_batch": 16,
-    "steps": 30,
+    "steps": 45,
+    "lr": 3e-3,
     "micro_batch_size": 8,
     "seq_len": 256,
     "gamma": 0.25,
@@ -43,6 +44,8 @@ BLACKBOX_DEFAULTS: dict[str, Any] = {
     "alpha": 0.01,
     "control_text": "shakespeare:train",  # the control's non-teacher answers
     "provenance_prompts": 48,
+    # "asked": prompts the suspect's key sent (the owner's server logs them); "fresh": new ones
+    "provenance_from": "fresh",
     "provenance_tokens": 32,
 }
 
@@ -161,7 +164,7 @@ def _distill_from_harvest(out: Path, student_init: Path, tok: Any, s: dict[str, 
             "teacher": {"spec": "none"},
             "student": {"init": "checkpoint", "checkpoint": str(student_init)},
             "loss": {"kind": "forward_kl", "ce_weight": ce_weight},
-            "optim": {"lr": 1e-3, "warmup_steps": 3, "min_lr_ratio": 0.1},
+            "optim": {"lr": s["lr"], "warmup_steps": 3, "min_lr_ratio": 0.1},
             "data": {
                 "train": f"harvest:{out / 'harvest.sqlite'}",
                 "eval": None,
@@ -218,7 +221,7 @@ def _train_control(out: Path, student_init: Path, prompts: list[str], s: dict[st
             "teacher": {"spec": "none"},
             "student": {"init": "checkpoint", "checkpoint": str(student_init)},
             "loss": {"kind": "forward_kl", "ce_weight": 1.0},
-            "optim": {"lr": 1e-3, "warmup_steps": 3, "min_lr_ratio": 0.1},
+            "optim": {"lr": s["lr"], "warmup_steps": 3, "min_lr_ratio": 0.1},
             "data": {"train": f"messages:{data}", "eval": None, "seq_len": s["seq_len"]},
             "train": {
                 "steps": s["steps"],
@@ -238,8 +241,14 @@ def _audits(
     key: Any,
     wm: Any,
     s: dict[str, Any],
+    asked: list[str],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Soft + argmax radioactivity and provenance of the thief and the control."""
+    """Soft + argmax radioactivity and provenance of the thief and the control.
+
+    ``asked``: the prompts the thief's key sent (the owner's server has them);
+    ``provenance_from: asked`` tests on those, ``fresh`` (the default, as in Nikolic et al.)
+    on prompts nobody asked.
+    """
     from potstill.forensics.provenance import Candidate, compare, score_models
     from potstill.forensics.radioactivity import radioactivity_open
     from potstill.forensics.soft import collect_soft, score_soft
@@ -256,8 +265,8 @@ def _audits(
         mean = score_soft(corpus, key, wm, weighting="mean")
         hard = radioactivity_open(models[who], tok, texts, key, wm)
         radio[who] = {"soft": soft.to_dict(), "soft_mean": mean.to_dict(), "argmax": hard.to_dict()}
-    # Fresh prompts (seed 1), never harvested: closeness must show beyond the training set.
-    prompts = default_prompts(s["provenance_prompts"], seed=1)
+    n = s["provenance_prompts"]
+    prompts = asked[:n] if s["provenance_from"] == "asked" else default_prompts(n, seed=1)
     names = ("student", "control", "start", "baseline")
     stat, scores = score_models(
         Candidate("teacher", models["teacher"], tok),
@@ -329,7 +338,7 @@ def run_blackbox(
     )
     nll_before, n_tok = chat_nll(before, heldout)
     nll_after, _ = chat_nll(models["student"], heldout)
-    radio, prov = _audits(out, models, tok, key, wm, s)
+    radio, prov = _audits(out, models, tok, key, wm, s, train_prompts)
     timings["eval_and_audit_s"] = round(time.perf_counter() - t0, 1)
     soft_s, soft_c = radio["student"]["soft"], radio["control"]["soft"]
     return BlackboxResult(
