@@ -61,8 +61,29 @@ __all__ = [
 ]
 
 
+class Verdicts:
+    """Verdict and serialisation shared by the corpus-level results (``p_value`` field)."""
+
+    p_value: float
+
+    def flagged(self, alpha: float) -> bool:
+        return self.p_value < alpha
+
+    def verdict(self, alpha: float) -> str:
+        """``"flagged: p=… < α=…"`` or ``"not flagged: p=… ≥ α=…"``."""
+        if self.flagged(alpha):
+            return f"flagged: p={self.p_value:.3g} < α={alpha:g}"
+        return f"not flagged: p={self.p_value:.3g} ≥ α={alpha:g}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]  # subclasses are dataclasses
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+
 @dataclass(frozen=True)
-class RadioactivityResult:
+class RadioactivityResult(Verdicts):
     """A corpus-level test. Counts trace every tuple from candidate to scored.
 
     ``n_candidates``: tuples with a full context; minus ``n_excluded_copies`` (open mode:
@@ -89,21 +110,6 @@ class RadioactivityResult:
     n_green: int | None = None
     score_sum: float | None = None
     settings: dict[str, Any] = field(default_factory=dict)
-
-    def flagged(self, alpha: float) -> bool:
-        return self.p_value < alpha
-
-    def verdict(self, alpha: float) -> str:
-        """``"flagged: p=… < α=…"`` or ``"not flagged: p=… ≥ α=…"``."""
-        if self.flagged(alpha):
-            return f"flagged: p={self.p_value:.3g} < α={alpha:g}"
-        return f"not flagged: p={self.p_value:.3g} ≥ α={alpha:g}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
 
 
 def windows_of(token_seqs: Iterable[Sequence[int]], k: int) -> set[tuple[int, ...]]:

@@ -40,13 +40,13 @@ on clean models is in ``benchmarks/radioactivity.py`` and ``tests/test_soft_radi
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from potstill.errors import PotstillError
+from potstill.forensics.radioactivity import Verdicts
 
 if TYPE_CHECKING:
     import numpy as np
@@ -105,7 +105,7 @@ class SoftCorpus:
 
 
 @dataclass(frozen=True)
-class SoftResult:
+class SoftResult(Verdicts):
     """One soft test. ``statistic``: the green share of the scored mass (gamma under H0).
 
     ``green_mass`` is ``x`` and ``expected_mass`` its null mean; ``n_scored`` distinct windows;
@@ -131,20 +131,6 @@ class SoftResult:
     green_mass: float
     expected_mass: float
     settings: dict[str, Any] = field(default_factory=dict)
-
-    def flagged(self, alpha: float) -> bool:
-        return self.p_value < alpha
-
-    def verdict(self, alpha: float) -> str:
-        if self.flagged(alpha):
-            return f"flagged: p={self.p_value:.3g} < α={alpha:g}"
-        return f"not flagged: p={self.p_value:.3g} ≥ α={alpha:g}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict())
 
 
 def _log1pexp(x: np.ndarray) -> np.ndarray:
