@@ -5,8 +5,10 @@
 
 The toy in ``radioactivity.py`` (a 16-symbol teacher) has only ~230 distinct windows, which
 bounds any test's power. Here the teacher is SmolLM2-135M-Instruct (49,152 tokens), KGW with
-the library defaults (gamma 0.25, delta 2, context width 2; ``--context-width 1`` runs the
-per-previous-token lists of the demo into its own block), sampling at temperature 1:
+gamma 0.25, delta 3 (Sander et al.'s strength) and context width 1 (the demo's per-previous-token
+lists, the most radioactive width in Sander et al.); ``--context-width`` / ``--delta`` run another
+setting into its own block and suffixed keys (the library default k 2, delta 2 is
+``real_vocab_k2_d2``), sampling at temperature 1:
 
 1. The teacher answers ``n_train`` prompts twice, once watermarked and once clean, plus
    ``n_heldout`` prompts watermarked only (answers cached under $POTSTILL_CACHE/benchmarks).
@@ -73,8 +75,8 @@ def log(msg: str) -> None:
 def settings_for(quick: bool) -> dict[str, Any]:
     s: dict[str, Any] = {
         "gamma": 0.25,
-        "delta": 2.0,
-        "context_width": 2,
+        "delta": 3.0,
+        "context_width": 1,
         "gen_temperature": 1.0,
         "answer_tokens": 80,
         "n_train": 120,
@@ -324,17 +326,19 @@ def main(argv: list[str] | None = None) -> int:
         "--quick: a file in the temp dir, so a smoke run never touches the results)",
     )  # fmt: skip
     ap.add_argument(
-        "--context-width", type=int, default=2,
-        help="KGW window (2, the library default; another width writes its own block and keys)",
+        "--context-width", type=int, default=1,
+        help="KGW window (default 1; another setting writes its own block and suffixed keys)",
     )  # fmt: skip
+    ap.add_argument("--delta", type=float, default=3.0, help="KGW bias in logits (default 3)")
     args = ap.parse_args(argv)
     if args.out is None:
         quick_out = Path(tempfile.gettempdir()) / "radioactivity_real_quick.json"
         args.out = quick_out if args.quick else RESULTS / "radioactivity.json"
     started = time.time()
     s = settings_for(args.quick)
-    s["context_width"] = args.context_width
-    suffix = "" if args.context_width == 2 else f"_k{args.context_width}"
+    s["context_width"], s["delta"] = args.context_width, args.delta
+    default = (args.context_width, args.delta) == (1, 3.0)
+    suffix = "" if default else f"_k{args.context_width}_d{args.delta:g}"
     torch.set_num_threads(s["threads"])
     params = WatermarkParams(
         "kgw", gamma=s["gamma"], delta=s["delta"], context_width=s["context_width"]
