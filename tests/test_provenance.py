@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy import stats
 
 from potstill.cli import main
@@ -18,6 +19,8 @@ from potstill.errors import PotstillError
 from potstill.forensics.provenance import (
     Candidate,
     Endpoint,
+    answer_ll,
+    as_prompt,
     min_prompts,
     per_prompt_statistic,
     provenance_test,
@@ -149,7 +152,7 @@ def test_teacher_ll_works_across_tokenizers_and_endpoints(
     with pytest.raises(PotstillError, match="also tested"):
         provenance_test(api, teacher, independents[:2], PROMPTS, statistic="teacher_ll",
                         reference=independents[0])  # fmt: skip
-    with pytest.raises(PotstillError, match="teacher_ll only"):
+    with pytest.raises(PotstillError, match="teacher_ll and model_ll only"):
         provenance_test(independents[2], teacher, independents[:2], PROMPTS,
                         statistic="agreement", reference=independents[4])  # fmt: skip
 
@@ -161,6 +164,76 @@ def test_teacher_ll_works_across_tokenizers_and_endpoints(
     )
     with pytest.raises(PotstillError, match="without choices"):
         provenance_test(bad, teacher, independents[:2], PROMPTS, new_tokens=8)
+
+
+def test_model_ll_is_the_models_own_likelihood_and_flags_a_derivative(
+    teacher: Candidate, independents: list[Candidate]
+) -> None:
+    """Grey-box: each model's likelihood of the teacher's greedy answers minus its likelihood
+    of a reference model's answers, per byte.
+
+    The likelihood is the model's summed log-probs of the answer tokens (checked against
+    torch's cross-entropy); a derivative is flagged; no independent model is; and without the
+    reference (refused) an independent model that is merely surer of all text would win.
+    """
+    prompts, ref = default_prompts(48, seed=3), independents[4]
+    suspect = derivative(teacher, 0.1, seed=1)
+    res = provenance_test(suspect, teacher, independents[:3], prompts, statistic="model_ll",
+                          new_tokens=16, reference=ref)  # fmt: skip
+    assert res.statistic == "model_ll" and res.flagged and res.p_value < 1e-3
+    assert res.settings["reference"] == "tiny:5"
+    for i, s in enumerate(independents[:4]):
+        others = independents[:i] + independents[i + 1 : 4]
+        r = provenance_test(s, teacher, others, prompts, statistic="model_ll", new_tokens=16,
+                            reference=ref)  # fmt: skip
+        assert not r.flagged, r.verdict()
+    with pytest.raises(PotstillError, match="needs --reference"):
+        provenance_test(suspect, teacher, independents[:3], prompts, statistic="model_ll")
+    answers = teacher.answers(PROMPTS[:4], 8)
+    tok = suspect.tokenizer
+    for p, a, got in zip(PROMPTS, answers, answer_ll(suspect, PROMPTS[:4], answers)):
+        pi = tok(as_prompt(tok, p), add_special_tokens=False).input_ids
+        ai = tok(a, add_special_tokens=False).input_ids
+        with torch.no_grad():  # torch's CE over the real tokens' logits, summed over the answer
+            logits = suspect.model(input_ids=torch.tensor([pi + ai])).logits[0, :, : len(tok)]
+            ce = float(F.cross_entropy(logits[len(pi) - 1 : -1], torch.tensor(ai), reduction="sum"))
+        assert got == pytest.approx(-ce / len(a.encode()), rel=1e-4)
+
+
+def test_model_ll_reads_an_endpoints_echoed_logprobs_or_says_they_are_missing(
+    teacher: Candidate,
+) -> None:
+    """Through ``potstill serve``: echoed prompt logprobs give the local value; a defended
+    server refuses echo with logprobs, and the error names the statistic that needs them."""
+    from potstill.serve.app import ServeSettings, create_app
+    from potstill.serve.background import serve_in_background
+    from potstill.serve.engine import Engine
+    from potstill.serve.watermarking import watermark_processors
+    from potstill.watermark.keys import WatermarkKey
+    from potstill.watermark.params import WatermarkParams
+
+    model, tok = teacher.model, teacher.tokenizer
+    prompts = ["hello there", "The cat", "Once upon"]
+    answers = [" a time", " sat down", " we went"]
+    want = []
+    for p, a in zip(prompts, answers):  # byte-level tokenizer: p + a splits at the boundary
+        ids, n_p = tok(p + a, add_special_tokens=False).input_ids, len(p.encode())
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids])).logits[0, :, : len(tok)]  # real tokens
+            lp = torch.log_softmax(logits.float(), -1)
+        want.append(float(lp[n_p - 1 : -1].gather(1, torch.tensor(ids[n_p:])[:, None]).sum())
+                    / len(a.encode()))  # fmt: skip
+    wm = watermark_processors(WatermarkKey(bytes(range(32))), WatermarkParams("kgw"))
+    with (
+        serve_in_background(create_app(Engine(model, tok, model_name="t"), ServeSettings())) as url,
+        serve_in_background(
+            create_app(Engine(model, tok, model_name="t"), ServeSettings(processors=wm))
+        ) as defended,
+    ):
+        got = Endpoint("api", url + "/v1", model="t").answer_ll(prompts, answers)
+        assert got == pytest.approx(want, rel=1e-4)
+        with pytest.raises(PotstillError, match="model_ll needs them"):
+            Endpoint("wm", defended + "/v1", model="t").answer_ll(prompts, answers)
 
 
 def test_weaker_controls_are_warned_about(
@@ -234,3 +307,7 @@ def test_cli_writes_json_and_refuses_bad_input(
         main([*base, "--controls", "tiny:1", "--prompts", str(prompts), "--n-prompts", "10"]) == 2
     )
     assert "fewer than --n-prompts" in capsys.readouterr().err
+    assert (
+        main([*base, "--controls", "tiny:1", "--statistic", "model_ll", "--n-prompts", "12"]) == 2
+    )
+    assert "needs --reference" in capsys.readouterr().err

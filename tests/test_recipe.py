@@ -117,6 +117,34 @@ def test_gradient_accumulation_equals_whole_batch(tmp_path: Path, chunk: int | N
         torch.testing.assert_close(halves[k], whole[k], rtol=1e-5, atol=1e-7)
 
 
+def test_ce_loss_runs_the_head_only_on_counted_positions_and_equals_full_ce(
+    tmp_path: Path,
+) -> None:
+    """Without an online teacher the head sees only labelled rows (a speed-up for big
+    vocabularies); the loss and its gradient equal torch's CE over the full logits."""
+    import torch.nn.functional as F
+
+    from potstill.teachers import load_tokenizer
+    from potstill.train.data import prepare_data
+    from potstill.train.recipe import load_student
+
+    cfg = tiny_cfg(tmp_path / "h", **{"data.packing": False, "loss.ce_weight": 1.0})
+    tok = load_tokenizer(cfg.teacher.spec)
+    batch = prepare_data(cfg, tok, world_size=1).micro_batch(0, 0)
+    assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any()
+    student = load_student(cfg, tok)
+    got = micro_loss(HiddenLM(student), None, batch, cfg, make_objective(cfg, StepStats.zeros()))
+    g_got = torch.autograd.grad(got, list(student.parameters()), allow_unused=True)
+    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    want = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                           batch["labels"].reshape(-1), ignore_index=-100, reduction="sum")  # fmt: skip
+    g_want = torch.autograd.grad(want, list(student.parameters()), allow_unused=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    for a, b in zip(g_got, g_want):
+        if a is not None or b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -255,9 +255,15 @@ def _audits(
     from potstill.harvest.export import store_examples
     from potstill.harvest.prompts import default_prompts
 
-    # The harvest prompts are ours and unwatermarked, so their windows stay in: with width-1
-    # windows excluding them would drop most of the vocabulary.
-    texts = [ex["messages"][-1]["content"] for ex in store_examples(out / "harvest.sqlite")]
+    # Every watermarked answer the owner has: the thief's harvest and the held-out answers (the
+    # owner does not know which the thief trained on; a width-1 green list is a per-word habit,
+    # so it shows on answers the thief never saw). The harvest prompts are ours and
+    # unwatermarked, so their windows stay in: excluding them would drop most of the vocabulary.
+    texts = [
+        ex["messages"][-1]["content"]
+        for store in ("harvest.sqlite", "heldout.sqlite")
+        for ex in store_examples(out / store)
+    ]
     radio: dict[str, Any] = {}
     for who in ("student", "control"):
         corpus = collect_soft(models[who], tok, texts, wm.context_width)  # one pass, two weightings

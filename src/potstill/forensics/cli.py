@@ -27,13 +27,15 @@ def add_provenance(asub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-prompts", type=int, default=64, help="prompts to use (64)")
     p.add_argument(
         "--statistic",
-        choices=("auto", "agreement", "teacher_ll"),
+        choices=("auto", "agreement", "teacher_ll", "model_ll"),
         default="auto",
-        help="agreement (same tokenizer) or teacher_ll (any); auto picks agreement when it can",
+        help="agreement (same tokenizer), teacher_ll (any; answers only) or model_ll (any; the "
+        "models' own likelihood of the teacher's answers); auto picks agreement when it can",
     )
     p.add_argument(
         "--reference",
-        help="teacher_ll: an independent model R (not tested); scores ll_T - ll_R per byte",
+        help="an independent model R (not tested): teacher_ll scores ll_T - ll_R of each "
+        "model's answers, model_ll each model's ll of T's answers minus its ll of R's",
     )
     p.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per prompt (32)")
     p.add_argument("--alpha", type=float, default=0.01, help="family-wise level (0.01)")

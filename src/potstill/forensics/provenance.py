@@ -19,6 +19,12 @@ API answer such prompts), raw otherwise.
   independent model above a weaker derivative. With a ``reference`` model R (independent of
   the teacher and not under test) the value is ``ll_T - ll_R`` per byte: how much more the
   teacher likes the answer than R does, which cancels what makes a text easy for everyone.
+- ``model_ll`` (grey-box, any tokenizers): the teacher writes a greedy continuation of each
+  prompt; the model's own log-likelihood of it, in nats per byte. Distillation maximises
+  exactly this, so it is the most direct trace; it needs the model's probabilities (weights,
+  or an endpoint that echoes prompt logprobs). A better model likes any fluent text more, so
+  a ``reference`` R is required and the value is ``ll_M(T's answer) - ll_M(R's answer)``: how much more
+  the model prefers the teacher's answer to an independent model's answer to the same prompt.
 
 Test. For suspect S, control c and prompt i, ``d_i = stat_i(S) - stat_i(c)``. H0_c: ``E d <= 0``
 ("the suspect is no closer to the teacher than control c"), one-sided paired t-test (prompts
@@ -54,14 +60,15 @@ __all__ = [
     "Endpoint",
     "ModelScores",
     "ProvenanceResult",
+    "answer_ll",
     "compare",
     "min_prompts",
     "provenance_test",
     "score_models",
 ]
 
-Statistic = Literal["agreement", "teacher_ll"]
-STATISTICS = ("agreement", "teacher_ll")
+Statistic = Literal["agreement", "teacher_ll", "model_ll"]
+STATISTICS = ("agreement", "teacher_ll", "model_ll")
 CAPABILITY_MARGIN = 0.02  # nats/byte: a control this much worse than the suspect is "weaker"
 
 
@@ -82,10 +89,11 @@ class Candidate:
 
 @dataclass
 class Endpoint:
-    """A model behind an OpenAI-compatible ``/v1/completions`` endpoint (greedy answers only).
+    """A model behind an OpenAI-compatible ``/v1/completions`` endpoint.
 
-    Only ``teacher_ll`` can use it: ``agreement`` and the capability check need the model's
-    own token probabilities.
+    ``teacher_ll`` uses its greedy answers; ``model_ll`` its echoed prompt logprobs (``echo``
+    with ``logprobs``), which not every server returns. ``agreement`` and the capability check
+    need the model's whole next-token distribution, which no endpoint gives.
     """
 
     name: str
@@ -96,6 +104,40 @@ class Endpoint:
     client: Any = None  # an httpx.Client (tests pass one with a mock transport)
 
     def answers(self, prompts: Sequence[str], n_new: int) -> list[str]:
+        bodies = [{"prompt": p, "max_tokens": n_new, "temperature": 0.0} for p in prompts]
+        return [str(c["text"]) for c in self._post(bodies, "choices[0].text")]
+
+    def answer_ll(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
+        """Per prompt: the endpoint's log-likelihood of ``answers[i]`` after ``prompts[i]``
+        (raw text, as ``answers`` sends it), nats per UTF-8 byte, from echoed logprobs.
+
+        A token that straddles the prompt/answer boundary is left out (its text offset is in
+        the prompt), so a few nats can be missing; every model loses them alike.
+        """
+        bodies = [
+            {"prompt": p + a, "max_tokens": 1, "temperature": 0.0, "echo": True, "logprobs": 0}
+            for p, a in zip(prompts, answers)
+        ]
+        out = []
+        for p, a, c in zip(prompts, answers, self._post(bodies, "echoed logprobs")):
+            lp = c.get("logprobs")
+            if not isinstance(lp, dict) or not lp.get("token_logprobs"):
+                raise PotstillError(
+                    f"endpoint {self.name} returned no prompt logprobs (echo with logprobs): "
+                    "--statistic model_ll needs them; use --statistic teacher_ll, which needs "
+                    "only answers"
+                )
+            end = len(p) + len(a)
+            total = sum(
+                float(x)
+                for x, off in zip(lp["token_logprobs"], lp["text_offset"])
+                if x is not None and len(p) <= off < end
+            )
+            out.append(total / len(a.encode()) if a.encode() else math.nan)
+        return out
+
+    def _post(self, bodies: list[dict[str, Any]], want: str) -> list[dict[str, Any]]:
+        """``choices[0]`` of each completions request, with errors that name the endpoint."""
         import httpx
 
         url = self.base_url.rstrip("/")
@@ -104,12 +146,19 @@ class Endpoint:
         http = self.client if self.client is not None else httpx.Client(timeout=self.timeout)
         out = []
         try:
-            for p in prompts:
-                body = {"model": self.model, "prompt": p, "max_tokens": n_new, "temperature": 0.0}
+            for body in bodies:
                 try:
-                    resp = http.post(url, json=body, headers=headers)
+                    resp = http.post(url, json={"model": self.model, **body}, headers=headers)
+                    if resp.status_code == 400 and body.get("echo"):
+                        raise PotstillError(
+                            f"endpoint {self.name} refused echoed logprobs ({resp.text[:200]}): "
+                            "--statistic model_ll needs them; use --statistic teacher_ll"
+                        )
                     resp.raise_for_status()
-                    out.append(str(resp.json()["choices"][0]["text"]))
+                    choice = resp.json()["choices"][0]
+                    if not isinstance(choice, dict) or "text" not in choice:
+                        raise KeyError("text")
+                    out.append(choice)
                 except httpx.HTTPError as e:
                     raise PotstillError(
                         f"endpoint {url} failed: {e}; check the URL and that it serves the "
@@ -117,7 +166,7 @@ class Endpoint:
                     ) from None
                 except (KeyError, IndexError, TypeError, ValueError) as e:
                     raise PotstillError(
-                        f"endpoint {url} answered without choices[0].text "
+                        f"endpoint {url} answered without {want} "
                         f"({type(e).__name__}); is it OpenAI-compatible?"
                     ) from None
         finally:
@@ -224,14 +273,20 @@ def greedy(
 
 
 def _forward_logprobs(cand: Candidate, seqs: Sequence[list[int]]) -> list[Any]:
-    """Per sequence: log-softmax ``[T, V]`` (fp32) of the model's next-token predictions."""
+    """Per sequence: log-softmax ``[T, V]`` (fp32) of the model's next-token predictions.
+
+    Over the logits that name real tokens only (``V = min(len(tokenizer), logit width)``):
+    padding rows of the head can never be emitted, and a server drops them too.
+    """
     import torch
 
     out = []
+    width = len(cand.tokenizer)
     with torch.no_grad():
         for s in seqs:
             x = torch.tensor([s], device=_device(cand.model))
-            out.append(torch.log_softmax(cand.model(input_ids=x).logits[0].float(), -1).cpu())
+            logits = cand.model(input_ids=x).logits[0, :, :width].float()
+            out.append(torch.log_softmax(logits, -1).cpu())
     return out
 
 
@@ -284,18 +339,18 @@ def agreement_scores(
     return out
 
 
-def teacher_ll_scores(
-    teacher: Candidate, prompts: Sequence[str], answers: Sequence[str]
-) -> list[float]:
-    """Per prompt: ``teacher``'s log-likelihood of ``answers[i]`` after ``prompts[i]``, in nats
-    per UTF-8 byte of the answer (bytes, not tokens, so that models with different tokenizers
-    are on one scale; NaN for an empty answer)."""
-    tok = teacher.tokenizer
+def answer_ll(model: Model, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
+    """Per prompt: ``model``'s log-likelihood of ``answers[i]`` after ``prompts[i]`` (in its chat
+    template), in nats per UTF-8 byte of the answer (bytes, not tokens, so that models with
+    different tokenizers are on one scale; NaN for an empty answer)."""
+    if isinstance(model, Endpoint):
+        return model.answer_ll(prompts, answers)
+    tok = model.tokenizer
     ps = [_encode(tok, as_prompt(tok, p)) for p in prompts]
     ans = [_encode(tok, a) for a in answers]
     out = []
     for p, a, lp, text in zip(
-        ps, ans, _forward_logprobs(teacher, [p + a for p, a in zip(ps, ans)]), answers
+        ps, ans, _forward_logprobs(model, [p + a for p, a in zip(ps, ans)]), answers
     ):
         if not a or not text.encode():
             out.append(float("nan"))
@@ -346,12 +401,22 @@ def per_prompt_statistic(
         ids = [_encode(teacher.tokenizer, as_prompt(teacher.tokenizer, p)) for p in prompts]
         conts = greedy(teacher, ids, n_new)
         return [agreement_scores(m, ids, conts) for m in models if isinstance(m, Candidate)]
+    if statistic == "model_ll":
+        mine = teacher.answers(prompts, n_new)
+        theirs = reference.answers(prompts, n_new) if reference is not None else None
+        rows = []
+        for m in models:
+            v = answer_ll(m, prompts, mine)
+            if theirs is not None:  # how much more the model prefers T's answer to R's
+                v = [a - b for a, b in zip(v, answer_ll(m, prompts, theirs))]
+            rows.append(v)
+        return rows
     rows = []
     for m in models:
         answers = m.answers(prompts, n_new)
-        t = teacher_ll_scores(teacher, prompts, answers)
+        t = answer_ll(teacher, prompts, answers)
         if reference is not None:  # how much more the teacher likes the answer than R does
-            r = teacher_ll_scores(reference, prompts, answers)
+            r = answer_ll(reference, prompts, answers)
             t = [a - b for a, b in zip(t, r)]
         rows.append(t)
     return rows
@@ -397,8 +462,15 @@ def score_models(
         statistic = "agreement" if same else "teacher_ll"
     if statistic not in STATISTICS:
         raise PotstillError(f"statistic must be one of {STATISTICS} or 'auto', got {statistic!r}")
-    if reference is not None and statistic != "teacher_ll":
-        raise PotstillError("--reference applies to --statistic teacher_ll only")
+    if reference is not None and statistic == "agreement":
+        raise PotstillError("--reference applies to --statistic teacher_ll and model_ll only")
+    if reference is None and statistic == "model_ll":
+        # Measured (tests/test_provenance.py): without the contrast an independent model that
+        # is merely surer of any text beat four others at p ~ 1e-7.
+        raise PotstillError(
+            "--statistic model_ll needs --reference R (an independent model, not tested): "
+            "without it a model that likes all text more looks closer to the teacher"
+        )
     if reference is not None and any(reference.name == m.name for m in models):
         raise PotstillError(
             f"the reference {reference.name} is also tested: a model scores its own greedy "

@@ -182,11 +182,18 @@ def micro_loss(
             chunk_tokens=cfg.loss.chunk_tokens,
             reduction="sum",
         )
+    if teacher is None or "topk_ids" in batch:
+        # The head only on positions that count: a prompt or padding position's logits would
+        # be computed and then masked. With a 262k-token vocabulary the head is most of a step.
+        keep = labels.reshape(-1) != -100
+        logits = F.linear(hidden.reshape(-1, hidden.shape[-1])[keep], weight)
+        sparse = None
+        if "topk_ids" in batch:  # sparse teacher targets carried by the data (cache, harvest)
+            k = batch["topk_ids"].shape[-1]
+            sparse = (batch["topk_ids"].reshape(-1, k)[keep],
+                      batch["topk_logprobs"].reshape(-1, k)[keep])  # fmt: skip
+        return objective(logits, sparse, labels.reshape(-1)[keep])
     logits = F.linear(hidden, weight)
-    if "topk_ids" in batch:  # sparse teacher targets carried by the data (cache, harvest)
-        return objective(logits, (batch["topk_ids"], batch["topk_logprobs"]), labels)
-    if teacher is None:
-        return objective(logits, None, labels)
     with torch.no_grad():
         t_logits = teacher.logits(ids, mask)
     vocab = teacher.vocab_size
