@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +20,10 @@ from potstill.errors import PotstillError
 from potstill.forensics.provenance import (
     Candidate,
     Endpoint,
+    ModelScores,
     answer_ll,
     as_prompt,
+    compare,
     min_prompts,
     per_prompt_statistic,
     provenance_test,
@@ -189,6 +192,12 @@ def test_model_ll_is_the_models_own_likelihood_and_flags_a_derivative(
         assert not r.flagged, r.verdict()
     with pytest.raises(PotstillError, match="needs --reference"):
         provenance_test(suspect, teacher, independents[:3], prompts, statistic="model_ll")
+    # why it is refused: without R, some independent model beats all the others
+    rows = per_prompt_statistic("model_ll", teacher, independents[:4], prompts, 16)
+    scores = [ModelScores(m.name, r, math.nan) for m, r in zip(independents, rows)]
+    flags = [compare(x, scores[:i] + scores[i + 1 :], teacher="t", statistic="model_ll").flagged
+             for i, x in enumerate(scores)]  # fmt: skip
+    assert any(flags)
     answers = teacher.answers(PROMPTS[:4], 8)
     tok = suspect.tokenizer
     for p, a, got in zip(PROMPTS, answers, answer_ll(suspect, PROMPTS[:4], answers)):
@@ -234,6 +243,55 @@ def test_model_ll_reads_an_endpoints_echoed_logprobs_or_says_they_are_missing(
         assert got == pytest.approx(want, rel=1e-4)
         with pytest.raises(PotstillError, match="model_ll needs them"):
             Endpoint("wm", defended + "/v1", model="t").answer_ll(prompts, answers)
+
+
+def test_endpoint_likelihood_never_trusts_text_offsets_and_mixing_is_refused(
+    teacher: Candidate,
+) -> None:
+    """``log P(p + a) - log P(p)`` from two echoed requests, over ``usage.prompt_tokens``
+    entries: a BOS entry (None), offsets that are wrong, and the generated token change
+    nothing. An endpoint next to local models under model_ll is refused."""
+    lps = {"Q: hi": [None, -1.0, -2.0], "Q: hi A: yo": [None, -1.0, -2.0, -0.5, -0.25]}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        assert body["echo"] and body["logprobs"] == 0 and body["max_tokens"] == 1
+        vals = lps[body["prompt"]]
+        logprobs = {"token_logprobs": [*vals, -9.0], "text_offset": [0] * (len(vals) + 1)}
+        return httpx.Response(200, json={
+            "choices": [{"text": body["prompt"] + "x", "logprobs": logprobs}],
+            "usage": {"prompt_tokens": len(vals), "completion_tokens": 1},
+        })  # fmt: skip
+
+    api = Endpoint("api", "http://e", client=httpx.Client(transport=httpx.MockTransport(handler)))
+    assert api.answer_ll(["Q: hi"], [" A: yo"]) == [pytest.approx(-0.75 / len(b" A: yo"))]
+    with pytest.raises(PotstillError, match="not comparable"):
+        per_prompt_statistic("model_ll", teacher, [api, teacher], ["Q: hi"], 4, reference=teacher)
+
+    def no_usage(request: httpx.Request) -> httpx.Response:
+        lp = {"token_logprobs": [None, -1.0], "text_offset": [0, 1]}
+        return httpx.Response(200, json={"choices": [{"text": "x", "logprobs": lp}]})
+
+    bare = Endpoint(
+        "bare", "http://e", client=httpx.Client(transport=httpx.MockTransport(no_usage))
+    )
+    with pytest.raises(PotstillError, match="model_ll needs them"):
+        bare.answer_ll(["Q: hi"], [" A: yo"])
+
+
+def test_prompts_without_values_are_no_evidence() -> None:
+    """A p-value is never computed on too few prompts: a control with values on too few of
+    them is not beaten (p = 1, warned); a suspect with too few values is refused."""
+    n = 16
+    suspect = ModelScores("s", [1.0 + 0.01 * i for i in range(n)], -1.0)
+    good = ModelScores("c1", [0.0] * n, -1.0)
+    holey = ModelScores("c2", [0.0] * 5 + [math.nan] * (n - 5), -1.0)
+    res = compare(suspect, [good, holey], teacher="t", statistic="teacher_ll")
+    assert res.comparisons[0].rejected and res.comparisons[1].p_value == 1.0
+    assert not res.flagged and any("only 5 prompts" in w for w in res.warnings)
+    empty = ModelScores("s", [1.0] * 4 + [math.nan] * (n - 4), -1.0)
+    with pytest.raises(PotstillError, match="only 4 of 16"):
+        compare(empty, [good], teacher="t", statistic="teacher_ll")
 
 
 def test_weaker_controls_are_warned_about(

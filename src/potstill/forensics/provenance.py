@@ -105,39 +105,47 @@ class Endpoint:
 
     def answers(self, prompts: Sequence[str], n_new: int) -> list[str]:
         bodies = [{"prompt": p, "max_tokens": n_new, "temperature": 0.0} for p in prompts]
-        return [str(c["text"]) for c in self._post(bodies, "choices[0].text")]
+        return [str(r["choices"][0]["text"]) for r in self._post(bodies, "choices[0].text")]
 
     def answer_ll(self, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
         """Per prompt: the endpoint's log-likelihood of ``answers[i]`` after ``prompts[i]``
         (raw text, as ``answers`` sends it), nats per UTF-8 byte, from echoed logprobs.
 
-        A token that straddles the prompt/answer boundary is left out (its text offset is in
-        the prompt), so a few nats can be missing; every model loses them alike.
+        ``log P(prompt + answer) - log P(prompt)``, two echoed requests: servers derive
+        ``text_offset`` by decoding tokens one at a time (a BOS token, SentencePiece spaces
+        and split characters shift it), so offsets are never used to find the answer.
         """
+        totals = self._echo_ll([p + a for p, a in zip(prompts, answers)])
+        bases = self._echo_ll(list(prompts))
+        return [
+            (t - b) / len(a.encode()) if a.encode() else math.nan
+            for t, b, a in zip(totals, bases, answers)
+        ]
+
+    def _echo_ll(self, texts: list[str]) -> list[float]:
+        """Summed echoed logprobs of each text (the first token, which has none, adds 0)."""
         bodies = [
-            {"prompt": p + a, "max_tokens": 1, "temperature": 0.0, "echo": True, "logprobs": 0}
-            for p, a in zip(prompts, answers)
+            {"prompt": t, "max_tokens": 1, "temperature": 0.0, "echo": True, "logprobs": 0}
+            for t in texts
         ]
         out = []
-        for p, a, c in zip(prompts, answers, self._post(bodies, "echoed logprobs")):
-            lp = c.get("logprobs")
-            if not isinstance(lp, dict) or not lp.get("token_logprobs"):
+        for r in self._post(bodies, "echoed logprobs"):
+            lp = r["choices"][0].get("logprobs")
+            values = lp.get("token_logprobs") if isinstance(lp, dict) else None
+            n_prompt = (r.get("usage") or {}).get("prompt_tokens")
+            if not isinstance(values, list) or not values or not isinstance(n_prompt, int):
                 raise PotstillError(
-                    f"endpoint {self.name} returned no prompt logprobs (echo with logprobs): "
-                    "--statistic model_ll needs them; use --statistic teacher_ll, which needs "
-                    "only answers"
+                    f"endpoint {self.name} returned no prompt logprobs (echo with logprobs, and "
+                    "usage.prompt_tokens): --statistic model_ll needs them; use --statistic "
+                    "teacher_ll, which needs only answers"
                 )
-            end = len(p) + len(a)
-            total = sum(
-                float(x)
-                for x, off in zip(lp["token_logprobs"], lp["text_offset"])
-                if x is not None and len(p) <= off < end
-            )
-            out.append(total / len(a.encode()) if a.encode() else math.nan)
+            # the echoed prompt's entries; what follows is the generated token (if any)
+            out.append(sum(float(x) for x in values[:n_prompt] if x is not None))
         return out
 
     def _post(self, bodies: list[dict[str, Any]], want: str) -> list[dict[str, Any]]:
-        """``choices[0]`` of each completions request, with errors that name the endpoint."""
+        """Each completions request's response (``choices[0].text`` checked), with errors that
+        name the endpoint."""
         import httpx
 
         url = self.base_url.rstrip("/")
@@ -155,10 +163,10 @@ class Endpoint:
                             "--statistic model_ll needs them; use --statistic teacher_ll"
                         )
                     resp.raise_for_status()
-                    choice = resp.json()["choices"][0]
-                    if not isinstance(choice, dict) or "text" not in choice:
+                    data = resp.json()
+                    if not isinstance(data["choices"][0], dict) or "text" not in data["choices"][0]:
                         raise KeyError("text")
-                    out.append(choice)
+                    out.append(data)
                 except httpx.HTTPError as e:
                     raise PotstillError(
                         f"endpoint {url} failed: {e}; check the URL and that it serves the "
@@ -402,6 +410,12 @@ def per_prompt_statistic(
         conts = greedy(teacher, ids, n_new)
         return [agreement_scores(m, ids, conts) for m in models if isinstance(m, Candidate)]
     if statistic == "model_ll":
+        if len({isinstance(m, Endpoint) for m in models}) > 1:
+            raise PotstillError(
+                "--statistic model_ll scores local models in their chat template and endpoints "
+                "on raw text, so the two are not comparable: make every model local or every "
+                "model an endpoint"
+            )
         mine = teacher.answers(prompts, n_new)
         theirs = reference.answers(prompts, n_new) if reference is not None else None
         rows = []
@@ -465,8 +479,8 @@ def score_models(
     if reference is not None and statistic == "agreement":
         raise PotstillError("--reference applies to --statistic teacher_ll and model_ll only")
     if reference is None and statistic == "model_ll":
-        # Measured (tests/test_provenance.py): without the contrast an independent model that
-        # is merely surer of any text beat four others at p ~ 1e-7.
+        # Without the contrast an independent model that is merely surer of any text beats the
+        # others (tests/test_provenance.py shows one such tiny model).
         raise PotstillError(
             "--statistic model_ll needs --reference R (an independent model, not tested): "
             "without it a model that likes all text more looks closer to the teacher"
@@ -498,9 +512,23 @@ def compare(
     from potstill.forensics.stats import holm_adjusted
 
     _check(len(controls), len(suspect.values), alpha)
-    tests = [_paired(suspect.values, c.values) for c in controls]
-    adjusted = holm_adjusted([t[3] for t in tests])
+    need = min_prompts(len(controls), alpha)
+    n_ok = sum(math.isfinite(v) for v in suspect.values)
+    if n_ok < need:
+        raise PotstillError(
+            f"{suspect.name} has a value on only {n_ok} of {len(suspect.values)} prompts (empty "
+            f"answers give none), below the {need} needed for α={alpha:g}: give more prompts"
+        )
     comparisons, warnings = [], []
+    tests = []
+    for c in controls:
+        pairs = sum(math.isfinite(a) and math.isfinite(b) for a, b in zip(suspect.values, c.values))
+        if pairs < need:  # no evidence against this control: it is not beaten
+            warnings.append(f"control {c.name}: only {pairs} prompts with both values; not beaten")
+            tests.append((math.nan, math.nan, math.nan, 1.0))
+        else:
+            tests.append(_paired(suspect.values, c.values))
+    adjusted = holm_adjusted([t[3] for t in tests])
     cap_s = suspect.prompt_ll
     for c, (mean, dz, t, p), adj in zip(controls, tests, adjusted):
         comparisons.append(
