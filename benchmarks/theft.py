@@ -236,8 +236,13 @@ def finetune_gemma(
             continue
         d = work / f"{name}_n{n}"
         model, tok = load(out / "student")
-        weights = load_file(str(out / "checkpoints" / f"step_{n // mb:06d}" / "model.safetensors"))
-        model.load_state_dict(weights, strict=False)
+        ckpt = out / "checkpoints" / f"step_{n // mb:06d}" / "model.safetensors"
+        # The recipe checkpoints its HiddenLM wrapper, whose keys are "lm." + the model's: a
+        # plain non-strict load matched none of them and left every N at the final weights.
+        weights = {k.removeprefix("lm."): v for k, v in load_file(str(ckpt)).items()}
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if unexpected or [k for k in missing if not k.endswith("lm_head.weight")]:
+            raise RuntimeError(f"{ckpt} does not match the model: {unexpected[:3]} {missing[:3]}")
         model.save_pretrained(d)
         tok.save_pretrained(d)
         dirs[n] = d
@@ -532,7 +537,7 @@ def assemble(
             "teacher_completion_tokens": n_tok,
             "audit_queries_per_model": s["audit_prompts"]
             + s["prov_prompts"]
-            + s["model_ll_prompts"],
+            + 2 * s["model_ll_prompts"],  # model_ll scores T's and R's answer
         },
         "closed": closed,
         "provenance_tests": prov,  # "provenance" is the run's origin (commit, command, ...)
