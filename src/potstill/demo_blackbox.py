@@ -34,7 +34,7 @@ BLACKBOX_DEFAULTS: dict[str, Any] = {
     "top_logprobs": 5,
     "concurrency": 16,
     "max_batch": 16,
-    "steps": 45,
+    "steps": 60,
     "lr": 3e-3,
     "micro_batch_size": 8,
     "seq_len": 256,
@@ -43,7 +43,7 @@ BLACKBOX_DEFAULTS: dict[str, Any] = {
     "context_width": 1,
     "alpha": 0.01,
     "control_text": "shakespeare:train",  # the control's non-teacher answers
-    "provenance_prompts": 48,
+    "provenance_prompts": 96,
     # "asked": prompts the suspect's key sent (the owner's server logs them); "fresh": new ones
     "provenance_from": "fresh",
     "provenance_tokens": 32,
