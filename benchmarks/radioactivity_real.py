@@ -304,6 +304,7 @@ def merge_into(path: Path, block: dict[str, Any], top: dict[str, Any], name: str
     is reused. Other ``real_vocab*`` blocks are kept as they are: each holds its own provenance."""
     old: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
     old.pop(name, None)
+    old.pop("provenance", None)  # the previous writer's; each block keeps its own
     for k in top:
         old.pop(k, None)
     reused_raw = json.dumps(old, sort_keys=True).encode()
@@ -314,7 +315,9 @@ def merge_into(path: Path, block: dict[str, Any], top: dict[str, Any], name: str
              "note": "the toy-teacher blocks come from an earlier radioactivity.py run"}  # fmt: skip
     if "reused_from_earlier_run" in old:  # already recorded by a previous merge: keep it
         reuse = old["reused_from_earlier_run"]
-    merged = {**top, **old, name: block, "reused_from_earlier_run": reuse}
+    # The file's provenance is this run's (the last writer); other blocks are reused, recorded above.
+    here = {**block["provenance"], "wrote_block": name}
+    merged = {"provenance": here, **top, **old, name: block, "reused_from_earlier_run": reuse}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(merged, indent=2, default=float) + "\n")
     tmp.replace(path)
