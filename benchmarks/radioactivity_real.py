@@ -268,11 +268,14 @@ def plot_power(per: dict[str, Any], path: Path) -> None:
         ys = [y if y is not None else math.log10(max(per[f"{r:g}"]["open"][test]["p"], 1e-300))
               for y, r in zip(ys, RHOS)]  # fmt: skip
         ax.plot(xs, ys, style, label=test.replace("_", " "))
+        sup = [(x, per[f"{r:g}"]["open_supervised"]) for x, r in zip(xs, RHOS)]
+        pts = [(x, math.log10(max(v[test]["p"], 1e-300))) for x, v in sup if v]  # none at rho 0
+        ax.plot(*zip(*pts), style, alpha=0.45, label=test.replace("_", " ") + ", supervised")
     ax.set_xscale("log")
     ax.axhline(-5, ls="--", c="grey", lw=0.8)
     ax.axhline(-2, ls=":", c="grey", lw=0.8)
     ax.set_xlabel("watermarked fraction rho of the student's answers (%; 0 drawn at 0.3)")
-    ax.set_ylabel("log10 p (owner's key, open mode)")
+    ax.set_ylabel("log10 p (owner's key, open mode; pale: served answers only)")
     ax.set_title("SmolLM2 students of SmolLM2's KGW answers")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -368,10 +371,14 @@ def main(argv: list[str] | None = None) -> int:
             # thief (an API owner has them in its logs), not its whole watermarked pool.
             served = [corpus["wm"][i] for i in info["watermarked_ids"]]
             sup = audit(s, model, tok, served, params) if served else None
+            # Its null at the same size: the clean teacher teacher-forced on the same answers.
+            sup0 = audit(s, teacher, tok, served, params) if served else None
             per[f"{rho:g}"] = {**info, "open": {k: v for k, v in a.items() if not k.startswith("_")},
                                "open_heldout": {k: v for k, v in ho.items() if not k.startswith("_")},
                                "open_supervised": sup and {k: v for k, v in sup.items()
                                                            if not k.startswith("_")},
+                               "supervised_clean_teacher": sup0 and {
+                                   k: v for k, v in sup0.items() if not k.startswith("_")},
                                "train_s": t1 - t0, "audit_s": time.perf_counter() - t1}  # fmt: skip
             if rho == 0.0:
                 sources["control_student_on_wm"] = a
@@ -387,8 +394,12 @@ def main(argv: list[str] | None = None) -> int:
     plot_power(per, Path(f"{stem}_real{suffix}_power.png"))
     plot_qq(pvals, Path(f"{stem}_real{suffix}_null_qq.png"))
 
-    def best(test: str, thr: float = 1e-5) -> float:
-        hits = [r for r in RHOS if r > 0 and per[f"{r:g}"]["open"][test]["p"] < thr]
+    def p_of(r: float, audit: str, test: str) -> float:  # nan: nothing served at this rho
+        v = per[f"{r:g}"][audit]
+        return v[test]["p"] if v else float("nan")
+
+    def best(test: str, audit: str = "open", thr: float = 1e-5) -> float:
+        hits = [r for r in RHOS if r > 0 and p_of(r, audit, test) < thr]
         return min(hits) if hits else float("nan")
 
     top = {}
@@ -396,9 +407,13 @@ def main(argv: list[str] | None = None) -> int:
         tag = f"{round(r * 100)}"
         top[f"p_open_soft_rho_{tag}"] = per[f"{r:g}"]["open"]["soft_sum"]["p"]
         top[f"p_open_argmax_rho_{tag}"] = per[f"{r:g}"]["open"]["argmax"]["p"]
+        top[f"p_supervised_soft_rho_{tag}"] = p_of(r, "open_supervised", "soft_sum")
+        top[f"p_supervised_argmax_rho_{tag}"] = p_of(r, "open_supervised", "argmax")
     top["min_rho_detected_1e-5_soft"] = best("soft_sum")
     top["min_rho_detected_1e-5_soft_mean"] = best("soft_mean")
     top["min_rho_detected_1e-5_argmax_real"] = best("argmax")
+    top["min_rho_detected_1e-5_supervised_soft"] = best("soft_sum", "open_supervised")
+    top["min_rho_detected_1e-5_supervised_argmax"] = best("argmax", "open_supervised")
     top = {f"{k}{suffix}": v for k, v in top.items()}
     block = {
         "teacher": TEACHER,
@@ -418,7 +433,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"null {t}: n={c['n']} KS p={c['ks_pvalue']:.3f} FPR@0.01={c['fpr_at_0.01']:.4f} "
               f"{c['fpr_at_0.01_ci99']} FPR@0.001={c['fpr_at_0.001']:.4f} {c['fpr_at_0.001_ci99']}")  # fmt: skip
     print(f"min rho at p<1e-5: soft {top[f'min_rho_detected_1e-5_soft{suffix}']}, argmax "
-          f"{top[f'min_rho_detected_1e-5_argmax_real{suffix}']}; total {time.time() - started:.0f}s")  # fmt: skip
+          f"{top[f'min_rho_detected_1e-5_argmax_real{suffix}']}; supervised soft "
+          f"{top[f'min_rho_detected_1e-5_supervised_soft{suffix}']}, argmax "
+          f"{top[f'min_rho_detected_1e-5_supervised_argmax{suffix}']}; total {time.time() - started:.0f}s")  # fmt: skip
     return 0
 
 
