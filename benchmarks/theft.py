@@ -1,6 +1,6 @@
 """The theft scenario on real models: a cross-family thief harvests SmolLM2 and is convicted.
 
-    python benchmarks/theft.py            # full CPU run (~60 min on 2 cores)
+    python benchmarks/theft.py            # full CPU run (~85 min on 2 cores)
     python benchmarks/theft.py --quick    # smoke run (a few minutes; writes to the temp dir)
 
 1. Teacher: SmolLM2-135M-Instruct behind ``potstill serve`` (loopback), once with a KGW
@@ -18,14 +18,19 @@
    non-teacher answers (Shakespeare passages); and small students with SmolLM2's tokenizer of
    several seeds and sizes trained on Shakespeare: ``n_tiny`` of them.
 5. Tests:
-   - closed-mode radioactivity (the thief's sampled answers to fresh prompts, re-tokenised with
-     SmolLM2's tokenizer; windows filtered to the owner's watermarked data, prompt windows
-     excluded) with the owner's key;
-   - provenance, two statistics with the Gemma base as the reference R: ``teacher_ll`` (how
-     much more SmolLM2 likes a model's greedy answers than Gemma's base does, per byte) and
-     ``model_ll`` (how much more the model likes SmolLM2's greedy answers than the base's),
-     the suspect against the base fine-tuned on non-teacher text and every small student,
-     Holm over the controls, Bonferroni over the two statistics.
+   - closed-mode radioactivity (the thief's sampled answers, re-tokenised with SmolLM2's
+     tokenizer; windows filtered to the owner's watermarked data, prompt windows excluded) with
+     the owner's key, twice: on fresh prompts, and on ``served_prompts`` of the prompts the
+     harvesting account sent (an API owner has them in its logs; the thief trained on the
+     answers to them). Both nulls are exact: an independent model's answers to any prompts it
+     is given do not depend on the key;
+   - provenance, ``teacher_ll`` with the Gemma base as the reference R (how much more SmolLM2
+     likes a model's greedy answers than Gemma's base does, per byte), the suspect against the
+     base fine-tuned on non-teacher text and every small student, Holm over the controls
+     (Bonferroni over the statistics if ``prov_statistics`` lists more). ``model_ll`` is not run
+     by default: its reference must be independent of the suspect, and here R is the thief's
+     own base, whose answers the thief still prefers (the 2026-12-01 run gave it p = 1 on every
+     Gemma suspect at twice this benchmark's provenance cost).
    Every independent model is also tested as the suspect against the other independent models:
    the provenance false-flag rate.
 
@@ -95,6 +100,8 @@ def settings_for(quick: bool) -> dict[str, Any]:
         "audit_prompts": 64,
         "audit_tokens": 64,
         "audit_temperature": 1.0,  # the learnt distribution itself; 0.7 looped and left few new pairs
+        "served_prompts": 64,  # closed mode on harvested prompts (a random subset of them)
+        "prov_statistics": ["teacher_ll"],  # add "model_ll" for the grey-box one (see above)
         "prov_prompts": 48,
         "model_ll_prompts": 96,  # forward passes only (T and R write the answers once)
         "prov_tokens": 32,
@@ -103,7 +110,7 @@ def settings_for(quick: bool) -> dict[str, Any]:
     }
     if quick:
         s.update(n_answers=20, n_grid=[10, 20], max_tokens=16, paraphrase_tokens=20, n_tiny=3,
-                 tiny_steps=3, audit_prompts=12, audit_tokens=16, prov_prompts=12, model_ll_prompts=12, prov_tokens=8)  # fmt: skip
+                 tiny_steps=3, audit_prompts=12, served_prompts=12, audit_tokens=16, prov_prompts=12, model_ll_prompts=12, prov_tokens=8)  # fmt: skip
     return s
 
 
@@ -399,7 +406,8 @@ def run(s: dict[str, Any], work: Path) -> dict[str, Any]:
         **{f"{k}_n{m}": d for k, v in runs.items() for m, d in v.items()},
     }
     models.update({f"tiny_{i}": d for i, d in enumerate(tiny)})
-    closed, texts = {}, {}
+    served = random.Random(25).sample(prompts, s["served_prompts"])
+    closed, closed_served, texts = {}, {}, {}
     for i, (name, path) in enumerate(models.items()):
         if name.startswith(("thief_clean", "thief_para", "gemma_ctrl")) and not name.endswith(
             f"_n{top}"
@@ -408,7 +416,10 @@ def run(s: dict[str, Any], work: Path) -> dict[str, Any]:
         model, tok = load(path)
         texts[name] = sampled_answers(model, tok, audit_prompts, s, seed=1000 * i)
         closed[name] = closed_p(texts[name], owner, audit_prompts, ttok, params)
-        log(f"closed mode {name}: p={closed[name]['p']:.3g} (n={closed[name]['n_scored']})")
+        mine = sampled_answers(model, tok, served, s, seed=1000 * i + 500)
+        closed_served[name] = closed_p(mine, owner, served, ttok, params)
+        log(f"closed mode {name}: fresh p={closed[name]['p']:.3g} (n={closed[name]['n_scored']}), "
+            f"served p={closed_served[name]['p']:.3g} (n={closed_served[name]['n_scored']})")  # fmt: skip
         del model
     t["closed_s"] = time.perf_counter() - t0
 
@@ -420,7 +431,10 @@ def run(s: dict[str, Any], work: Path) -> dict[str, Any]:
         s, teacher, ttok, base, {n: models[n] for n in names}, independent
     )
     t["provenance_s"] = time.perf_counter() - t0
-    return assemble(s, closed, prov, null, independent, {"wm": h_wm, "clean": h_clean}, t, texts)
+    closed_tests = {"fresh": closed, "served": closed_served}
+    return assemble(
+        s, closed_tests, prov, null, independent, {"wm": h_wm, "clean": h_clean}, t, texts
+    )
 
 
 def provenance_block(
@@ -431,9 +445,9 @@ def provenance_block(
     models: dict[str, Path],
     independent: list[str],
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Both provenance statistics, the Gemma base as the reference R (never tested), and the
-    Bonferroni combination over the two: ``p = min(1, 2 min(p_teacher_ll, p_model_ll))``, so
-    that testing twice never buys a conviction. Suspects are tested against every independent
+    """The ``prov_statistics``, the Gemma base as the reference R (never tested), and the
+    Bonferroni combination over them: ``p = min(1, m min_i p_i)`` for m statistics, so that
+    testing twice never buys a conviction. Suspects are tested against every independent
     model; every independent model is tested against the others (the false-flag rate)."""
     from potstill.forensics.provenance import (
         Candidate,
@@ -450,41 +464,43 @@ def provenance_block(
     tcand = Candidate(TEACHER, teacher, ttok)
     p_tll = default_prompts(s["prov_prompts"], seed=23)
     p_mll = default_prompts(s["model_ll_prompts"], seed=24)
-    # model_ll: T's and R's answers are written once; each model only scores them
-    mine, theirs = (
-        tcand.answers(p_mll, s["prov_tokens"]),
-        reference.answers(p_mll, s["prov_tokens"]),
-    )
-    scores: dict[str, dict[str, Any]] = {"teacher_ll": {}, "model_ll": {}}
+    stats = s["prov_statistics"]
+    if "model_ll" in stats:  # T's and R's answers are written once; each model only scores them
+        mine = tcand.answers(p_mll, s["prov_tokens"])
+        theirs = reference.answers(p_mll, s["prov_tokens"])
+    scores: dict[str, dict[str, Any]] = {st: {} for st in stats}
     for name, path in models.items():
         model, tok = load(path)
         cand = Candidate(name, model, tok)
-        _, (sc,) = score_models(tcand, [cand], p_tll, statistic="teacher_ll",
-                                new_tokens=s["prov_tokens"], reference=reference)  # fmt: skip
-        scores["teacher_ll"][name] = sc
-        v = [a - b for a, b in zip(answer_ll(cand, p_mll, mine), answer_ll(cand, p_mll, theirs))]
-        scores["model_ll"][name] = ModelScores(name, v, prompt_ll_per_byte(cand, p_mll))
+        if "teacher_ll" in stats:
+            _, (sc,) = score_models(tcand, [cand], p_tll, statistic="teacher_ll",
+                                    new_tokens=s["prov_tokens"], reference=reference)  # fmt: skip
+            scores["teacher_ll"][name] = sc
+        if "model_ll" in stats:
+            v = [
+                a - b for a, b in zip(answer_ll(cand, p_mll, mine), answer_ll(cand, p_mll, theirs))
+            ]
+            scores["model_ll"][name] = ModelScores(name, v, prompt_ll_per_byte(cand, p_mll))
         del model, cand
     a = s["alpha"]
 
     def test(name: str, against: list[str]) -> dict[str, Any]:
         per = {st: compare(sc[name], [sc[c] for c in against], teacher=TEACHER, statistic=st,
                            alpha=a).to_dict() for st, sc in scores.items()}  # fmt: skip
-        p = min(1.0, 2 * min(r["p_value"] for r in per.values()))
+        p = min(1.0, len(per) * min(r["p_value"] for r in per.values()))
         return {"suspect": name, "p_value": p, "flagged": p < a, "per_statistic": per}
 
     prov = {n: test(n, independent) for n in models if n not in independent}
     null = [test(c, [o for o in independent if o != c]) for c in independent]
     for n, r in prov.items():
-        log(f"provenance {n}: p={r['p_value']:.3g} (teacher_ll "
-            f"{r['per_statistic']['teacher_ll']['p_value']:.3g}, model_ll "
-            f"{r['per_statistic']['model_ll']['p_value']:.3g})")  # fmt: skip
+        each = ", ".join(f"{st} {v['p_value']:.3g}" for st, v in r["per_statistic"].items())
+        log(f"provenance {n}: p={r['p_value']:.3g} ({each})")
     return prov, null
 
 
 def assemble(
     s: dict[str, Any],
-    closed: dict[str, Any],
+    closed_tests: dict[str, dict[str, Any]],
     prov: dict[str, Any],
     null: list[dict[str, Any]],
     independent: list[str],
@@ -507,22 +523,31 @@ def assemble(
     radio_ctrl = ["gemma_base", f"gemma_ctrl_n{top}"] + [
         c for c in independent if c.startswith("tiny_")
     ]
+    closed, served = closed_tests["fresh"], closed_tests["served"]
     flagged_radio = [c for c in radio_ctrl if closed[c]["p"] < a]
+    flagged_served = [c for c in radio_ctrl if served[c]["p"] < a]
     flagged_prov = [r["suspect"] for r in null if r["flagged"]]
     fp = len(flagged_prov)
     ci = stats.binomtest(fp, len(null)).proportion_ci(confidence_level=0.99, method="exact")
     n_tok = sum(h["tokens"] for hs in harvest.values() for h in hs.values())
+    uses = s["prov_statistics"]  # model_ll scores two answers (T's and R's) per prompt
+    queries = s["audit_prompts"] + s["served_prompts"] + s["prov_prompts"] * ("teacher_ll" in uses)
+    queries += 2 * s["model_ll_prompts"] * ("model_ll" in uses)
     return {
         "thief_b_n_answers": top,
         "thief_b_closed_p_watermarked": closed[f"thief_wm_n{top}"]["p"],
         "thief_b_closed_p_paraphrased": closed[f"thief_para_n{top}"]["p"],
         "thief_b_closed_p_unwatermarked": closed[f"thief_clean_n{top}"]["p"],
+        "thief_b_closed_served_p_watermarked": served[f"thief_wm_n{top}"]["p"],
+        "thief_b_closed_served_p_paraphrased": served[f"thief_para_n{top}"]["p"],
+        "thief_b_closed_served_p_unwatermarked": served[f"thief_clean_n{top}"]["p"],
         "thief_b_provenance_p_unwatermarked": prov[f"thief_clean_n{top}"]["p_value"],
         "thief_b_provenance_p_paraphrased": prov[f"thief_para_n{top}"]["p_value"],
         "thief_b_provenance_p_watermarked": prov[f"thief_wm_n{top}"]["p_value"],
         "n_controls": len(set(radio_ctrl) | set(independent)),
-        "controls_flagged": sorted(set(flagged_radio) | set(flagged_prov)),
+        "controls_flagged": sorted(set(flagged_radio) | set(flagged_served) | set(flagged_prov)),
         "controls_flagged_radioactivity": flagged_radio,
+        "controls_flagged_radioactivity_served": flagged_served,
         "controls_flagged_provenance": flagged_prov,
         "provenance_null_fpr": fp / len(null),
         "provenance_null_fpr_ci99": [float(ci.low), float(ci.high)],
@@ -530,16 +555,17 @@ def assemble(
         "min_n_convicted": {
             "closed_radioactivity_1e-6": min_n(closed, "thief_wm", "p", 1e-6),
             "closed_radioactivity_alpha": min_n(closed, "thief_wm", "p", a),
+            "closed_served_radioactivity_1e-6": min_n(served, "thief_wm", "p", 1e-6),
+            "closed_served_radioactivity_alpha": min_n(served, "thief_wm", "p", a),
             "provenance_alpha": min_n(prov, "thief_clean", "p_value", a),
         },
         "cost": {
             "teacher_queries": sum(h["done"] for hs in harvest.values() for h in hs.values()),
             "teacher_completion_tokens": n_tok,
-            "audit_queries_per_model": s["audit_prompts"]
-            + s["prov_prompts"]
-            + 2 * s["model_ll_prompts"],  # model_ll scores T's and R's answer
+            "audit_queries_per_model": queries,
         },
         "closed": closed,
+        "closed_served": served,
         "provenance_tests": prov,  # "provenance" is the run's origin (commit, command, ...)
         "provenance_null": null,
         "harvest": harvest,
@@ -556,7 +582,8 @@ def plot(res: dict[str, Any], path: Path) -> None:
 
     grid = res["settings"]["n_grid"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for label, src, prefix, key in (("closed radioactivity, watermarked", res["closed"], "thief_wm", "p"),
+    for label, src, prefix, key in (("closed radioactivity, fresh prompts, watermarked", res["closed"], "thief_wm", "p"),
+                                    ("closed radioactivity, served prompts, watermarked", res["closed_served"], "thief_wm", "p"),
                                     ("provenance, unwatermarked", res["provenance_tests"], "thief_clean", "p_value")):  # fmt: skip
         ys = [
             math.log10(max(src[f"{prefix}_n{m}"][key], 1e-300))
@@ -579,6 +606,8 @@ def plot(res: dict[str, Any], path: Path) -> None:
 def summary(r: dict[str, Any]) -> None:
     print(f"thief B (N={r['thief_b_n_answers']}): closed p watermarked {r['thief_b_closed_p_watermarked']:.3g}, "
           f"paraphrased {r['thief_b_closed_p_paraphrased']:.3g}, unwatermarked {r['thief_b_closed_p_unwatermarked']:.3g}")  # fmt: skip
+    print(f"closed on served prompts: watermarked {r['thief_b_closed_served_p_watermarked']:.3g}, paraphrased "
+          f"{r['thief_b_closed_served_p_paraphrased']:.3g}, unwatermarked {r['thief_b_closed_served_p_unwatermarked']:.3g}")  # fmt: skip
     print(f"provenance p unwatermarked {r['thief_b_provenance_p_unwatermarked']:.3g}, paraphrased "
           f"{r['thief_b_provenance_p_paraphrased']:.3g}; controls {r['n_controls']}, flagged {r['controls_flagged']}")  # fmt: skip
     print(

@@ -341,3 +341,37 @@ def test_chunked_micro_loss_equals_unchunked(tmp_path: Path) -> None:
     torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
     for k in g0:
         torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6)
+
+
+def test_batch_topk_targets_win_over_the_online_teacher_when_chunked(tmp_path: Path) -> None:
+    """The documented order holds with loss.chunk_tokens too: top-k targets carried by the
+    batch are the teacher signal, not the online teacher's full logits (which the chunked
+    path used to take whenever a teacher was loaded)."""
+    from potstill.teachers import load_tokenizer
+    from potstill.train.data import prepare_data
+    from potstill.train.recipe import (
+        HiddenLM,
+        StepStats,
+        load_student,
+        load_teacher,
+        make_objective,
+        micro_loss,
+    )
+
+    losses = []
+    for chunk, online in ((None, False), (13, True), (13, False)):
+        cfg = _cfg(tmp_path / "k", **{"loss.chunk_tokens": chunk or "null", "loss.ce_weight": 0.3})
+        tok = load_tokenizer(TEACHER)
+        batch = dict(prepare_data(cfg, tok, world_size=1).micro_batch(0, 0))
+        student = load_student(cfg, tok)
+        teacher = load_teacher(cfg, tok, student.get_output_embeddings().weight.shape[0])
+        with torch.no_grad():  # sparse targets: the teacher's own top 4, as a cache would hold
+            lp = torch.log_softmax(
+                teacher.logits(batch["input_ids"], batch["attention_mask"]).float(), -1
+            )
+        batch["topk_logprobs"], batch["topk_ids"] = lp.topk(4, dim=-1)
+        loss = micro_loss(HiddenLM(student), teacher if online else None, batch, cfg,
+                          make_objective(cfg, StepStats.zeros()))  # fmt: skip
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(losses[2], losses[0], rtol=1e-5, atol=1e-5)

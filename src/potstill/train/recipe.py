@@ -165,7 +165,7 @@ def micro_loss(
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     hidden = model(ids, mask)
     weight = model.module.head_weight if hasattr(model, "module") else model.head_weight
-    if cfg.loss.chunk_tokens is not None and teacher is not None:
+    if cfg.loss.chunk_tokens is not None and teacher is not None and "topk_ids" not in batch:
         from potstill.losses import fused_linear_kd_loss
 
         with torch.no_grad():
