@@ -24,8 +24,9 @@ setting into its own block and suffixed keys (the library default k 2, delta 2 i
    (weighting "sum" and "mean") and the argmax test, on the same students. The prompts are
    ours and unwatermarked, so their windows are not excluded. The held-out answers (never
    trained on) are audited too, and so are exactly the round(rho N) answers the thief was
-   served ("supervised" in Sander et al.: an API owner has them in its logs), next to the
-   clean teacher on those same answers (that audit's null at the same size).
+   served ("supervised" in Sander et al.: an API owner has them in its logs). The clean teacher
+   audited on those same answers under the owner's key is a same-size sanity check of the
+   exclusion logic (one p-value per rho, not a null distribution; the fresh-key null is 4.).
 4. Null: soft and argmax corpora of clean models (the rho = 0 student, the teacher on its
    own watermarked answers, the teacher on its clean answers) scored under fresh random keys,
    ``null_keys`` per model: KS against U(0, 1) and the FPR at 0.05 / 0.01 / 0.001 with exact

@@ -22,15 +22,17 @@
      tokenizer; windows filtered to the owner's watermarked data, prompt windows excluded) with
      the owner's key, twice: on fresh prompts, and on ``served_prompts`` of the prompts the
      harvesting account sent (an API owner has them in its logs; the thief trained on the
-     answers to them). Both nulls are exact: an independent model's answers to any prompts it
-     is given do not depend on the key;
+     answers to them). Under H0 an independent model's answers do not depend on the key; the
+     filter does, but only through other windows' green lists (a window's own list is not
+     used before its first appearance), so the expected green count stays gamma n and what is
+     left is second order, in both variants;
    - provenance, ``teacher_ll`` with the Gemma base as the reference R (how much more SmolLM2
      likes a model's greedy answers than Gemma's base does, per byte), the suspect against the
      base fine-tuned on non-teacher text and every small student, Holm over the controls
      (Bonferroni over the statistics if ``prov_statistics`` lists more). ``model_ll`` is not run
      by default: its reference must be independent of the suspect, and here R is the thief's
      own base, whose answers the thief still prefers (the 2026-12-01 run gave it p = 1 on every
-     Gemma suspect at twice this benchmark's provenance cost).
+     Gemma suspect; with it provenance took 2,140 s and 240 queries per model, against 48).
    Every independent model is also tested as the suspect against the other independent models:
    the provenance false-flag rate.
 
@@ -366,7 +368,10 @@ def run(s: dict[str, Any], work: Path) -> dict[str, Any]:
         "kgw", gamma=s["gamma"], delta=s["delta"], context_width=s["context_width"]
     )
     n = s["n_answers"]
+    if s["served_prompts"] > n:  # checked before an hour of work, not after
+        raise SystemExit(f"served_prompts {s['served_prompts']} > n_answers {n}: lower it")
     prompts = default_prompts(n, seed=21)
+    served = random.Random(25).sample(prompts, s["served_prompts"])
     msgs = [[{"role": "user", "content": p}] for p in prompts]
     t = {}
     t0 = time.perf_counter()
@@ -406,7 +411,6 @@ def run(s: dict[str, Any], work: Path) -> dict[str, Any]:
         **{f"{k}_n{m}": d for k, v in runs.items() for m, d in v.items()},
     }
     models.update({f"tiny_{i}": d for i, d in enumerate(tiny)})
-    served = random.Random(25).sample(prompts, s["served_prompts"])
     closed, closed_served, texts = {}, {}, {}
     for i, (name, path) in enumerate(models.items()):
         if name.startswith(("thief_clean", "thief_para", "gemma_ctrl")) and not name.endswith(

@@ -17,7 +17,12 @@ import torch
 
 from potstill.config import DistillConfig, load_config
 from potstill.errors import PotstillError
-from potstill.teachers import build_tiny_model, build_tiny_tokenizer, tokenizer_fingerprint
+from potstill.teachers import (
+    build_tiny_model,
+    build_tiny_tokenizer,
+    load_tokenizer,
+    tokenizer_fingerprint,
+)
 from potstill.teachers import cache as cache_mod
 from potstill.teachers.cache import (
     U8_STEP,
@@ -30,7 +35,16 @@ from potstill.teachers.cache import (
     topk_logprobs,
     write_cache,
 )
-from potstill.train.recipe import run_distill
+from potstill.train.data import prepare_data
+from potstill.train.recipe import (
+    HiddenLM,
+    StepStats,
+    load_student,
+    load_teacher,
+    make_objective,
+    micro_loss,
+    run_distill,
+)
 
 from .conftest import REPO, tiny_overrides
 
@@ -306,16 +320,6 @@ def test_two_process_cache_equals_one_process(tmp_path: Path) -> None:
 
 def test_chunked_micro_loss_equals_unchunked(tmp_path: Path) -> None:
     """Recipe level: loss.chunk_tokens gives the plain path's loss and gradients."""
-    from potstill.teachers import load_tokenizer
-    from potstill.train.data import prepare_data
-    from potstill.train.recipe import (
-        HiddenLM,
-        StepStats,
-        load_student,
-        load_teacher,
-        make_objective,
-        micro_loss,
-    )
 
     results = []
     for chunk in (None, 13):
@@ -347,16 +351,6 @@ def test_batch_topk_targets_win_over_the_online_teacher_when_chunked(tmp_path: P
     """The documented order holds with loss.chunk_tokens too: top-k targets carried by the
     batch are the teacher signal, not the online teacher's full logits (which the chunked
     path used to take whenever a teacher was loaded)."""
-    from potstill.teachers import load_tokenizer
-    from potstill.train.data import prepare_data
-    from potstill.train.recipe import (
-        HiddenLM,
-        StepStats,
-        load_student,
-        load_teacher,
-        make_objective,
-        micro_loss,
-    )
 
     losses = []
     for chunk, online in ((None, False), (13, True), (13, False)):
