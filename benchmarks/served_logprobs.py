@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         prompts = radio.radio_prompts(args.n + args.heldout)
     train_p, held_p = prompts[: args.n], prompts[args.n :]
     k = s["context_width"]
-    bs = 8 if real else 16  # texts per audit forward pass (the soft pass takes half)
+    bs = 8 if real else 16  # texts per argmax-audit forward pass
     excl = windows_of([tok(p, add_special_tokens=False)["input_ids"] for p in prompts], k)
     runs: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="potstill-served-lp-") as tmp:
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = score_corpus(tuples, radio.KEY, params, mode="open", n_texts=len(pool),
                                  n_tokens=n_tok, prompt_windows=excl, n_excluded_copies=n_cp)  # fmt: skip
                 audit[name] = {"p": r.p_value, "n_scored": r.n_scored, "green_rate": r.statistic}
-                soft = score_soft(collect_soft(model, tok, pool, k, prompt_windows=excl, batch_size=bs // 2),
+                soft = score_soft(collect_soft(model, tok, pool, k, prompt_windows=excl),
                                   radio.KEY, params, weighting="sum")  # fmt: skip
                 audit[f"{name}_soft"] = {"p": soft.p_value, "log10_p": soft.log10_p,
                                          "p_bound": soft.p_bound, "n_scored": soft.n_scored,
