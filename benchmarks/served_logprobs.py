@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             recs = list(st.iter_records(conn))
             conn.close()
             texts = [r["completion"] for r in recs]
-            green_mass = _green_top_mass(recs, tok, params)
+            green_mass = _green_top_mass(recs, tok, params, real)
             model, last = distill(store, work / f"run_{source}", s, args.steps)
             audit = {}
             for name, pool in (("open", texts), ("open_heldout", heldout)):
@@ -242,11 +242,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _green_top_mass(recs: list[dict], tok: Any, params: Any) -> float:
-    """Share of the harvested top-5 probability mass on green tokens (under the owner's key)."""
+def _green_top_mass(recs: list[dict], tok: Any, params: Any, real: bool) -> float:
+    """Share of the harvested top-5 probability mass on green tokens (under the owner's key).
+
+    A reported token maps to its id by its bytes: the tiny teacher's ids are its bytes; a real
+    vocabulary goes through the harvester's own ``TokenMapper`` (tokens it cannot map: skipped).
+    """
     import math
 
+    from potstill.harvest.dataset import TokenMapper
     from potstill.watermark.kgw import KGWProcessor
+
+    def tiny_id(token: str, raw: list[int] | None) -> int | None:
+        return raw[0] if raw else tok.convert_tokens_to_ids(token)
+
+    to_id = TokenMapper(tok) if real else tiny_id
 
     proc = KGWProcessor(
         radio.KEY, gamma=params.gamma, delta=params.delta, context_width=params.context_width
@@ -259,12 +269,16 @@ def _green_top_mass(recs: list[dict], tok: Any, params: Any) -> float:
             if len(ids) >= k:
                 ctx = tuple(ids[-k:])
                 for token, lp, raw in entry["top"]:
-                    t = raw[0] if raw else tok.convert_tokens_to_ids(token)
+                    t = to_id(token, raw)
+                    if t is None:
+                        continue
                     p = math.exp(lp)
                     total += p
                     green += p * proc.is_green(ctx, int(t))
-            tb = entry.get("bytes")
-            ids.append(tb[0] if tb else tok.convert_tokens_to_ids(entry["token"]))
+            t = to_id(entry["token"], entry.get("bytes"))
+            if t is None:  # an unmappable sampled token: this answer's contexts end here
+                break
+            ids.append(t)
     return green / total if total else float("nan")
 
 
