@@ -17,7 +17,13 @@ for ``ServeSettings.logprobs_source``:
 With ``raw`` the targets are the undefended teacher's, so the student should look clean; with
 ``served`` they are the watermarked distribution. Writes ``results/served_logprobs.json``.
 
+``--teacher real`` runs the same path on a real vocabulary, in the setting of
+``radioactivity_real.py``: SmolLM2-135M-Instruct served with KGW (gamma 0.25, delta 3, context
+width 1) at temperature 1, and a SmolLM2 student (its top 8 of 30 layers) distilled from the
+harvested top-5 logprobs alone for 3 epochs. Writes ``results/served_logprobs_real.json``.
+
     python benchmarks/served_logprobs.py [--n 200] [--steps 600]
+    python benchmarks/served_logprobs.py --teacher real [--sources served]   # n 120, ~10 min
 """
 
 from __future__ import annotations
@@ -38,6 +44,15 @@ from _provenance import provenance
 from potstill.io import atomic_write_json
 
 OUT = Path(__file__).resolve().parent / "results" / "served_logprobs.json"
+OUT_REAL = OUT.with_name("served_logprobs_real.json")
+SMOLLM2 = "smollm2-135m-instruct"
+
+
+def real_settings() -> dict[str, Any]:
+    """The real-vocabulary setting (radioactivity_real.py's watermark, student and budget)."""
+    return {"gamma": 0.25, "delta": 3.0, "context_width": 1, "radio_teacher": SMOLLM2,
+            "temperature": 1.0, "radio_answer_tokens": 80, "train_top_layers": 8, "epochs": 3,
+            "student_batch": 4, "student_lr": 2e-4, "seq_len": 200, "threads": 2}  # fmt: skip
 
 
 def harvest_from_server(source: str, prompts: list[str], store: Path, s: dict[str, Any]) -> dict:
@@ -51,6 +66,26 @@ def harvest_from_server(source: str, prompts: list[str], store: Path, s: dict[st
     from potstill.watermark import KGWProcessor
 
     model, tok = load_model(s["radio_teacher"])
+    if s["radio_teacher"] == SMOLLM2:  # the real vocabulary: the model as it is, temperature 1
+        kgw = KGWProcessor(radio.KEY, gamma=s["gamma"], delta=s["delta"],
+                           context_width=s["context_width"])  # fmt: skip
+        chain: list[Any] = [ServedKGW(kgw)]
+        temperature = s["temperature"]
+    else:
+        chain, temperature = _tiny_chain(model, s, KGWProcessor, ServedKGW), 2.0
+    settings = ServeSettings(processors=lambda rec: chain, logprobs_source=source)  # type: ignore[arg-type]
+    engine = Engine(model, tok, model_name="teacher", max_batch=16)
+    params = GenParams(mode="chat", max_tokens=s["radio_answer_tokens"],
+                       temperature=temperature, top_logprobs=5, seed=3)  # fmt: skip
+    msgs = [[{"role": "user", "content": p}] for p in prompts]
+    with serve_in_background(create_app(engine, settings)) as url:
+        stats = harvest(msgs, store, endpoint=url + "/v1", model="teacher", params=params,
+                        concurrency=16)  # fmt: skip
+    return {"done": stats.done, "failed": stats.failed, "seconds": stats.elapsed_s}
+
+
+def _tiny_chain(model: Any, s: dict[str, Any], kgw_cls: Any, served_cls: Any) -> list[Any]:
+    """The tiny teacher's processors (and its flattened head, changed in place)."""
     # The radioactivity benchmark samples this teacher at temperature 5; the API caps
     # temperature at 2, so the model itself is made flatter (lm_head / 2.5, untied from the
     # embeddings) and served at temperature 2: the same sampled distribution before the
@@ -60,38 +95,32 @@ def harvest_from_server(source: str, prompts: list[str], store: Path, s: dict[st
         head.weight = torch.nn.Parameter(
             head.weight.detach().clone() / (s["radio_temperature"] / 2.0)
         )
-    kgw = KGWProcessor(
-        radio.KEY, gamma=s["gamma"], delta=s["delta"], context_width=s["context_width"]
-    )
-    wm = ServedKGW(kgw)
+    kgw = kgw_cls(radio.KEY, gamma=s["gamma"], delta=s["delta"], context_width=s["context_width"])
     allow = radio.AllowOnly(radio.ALPHABET)  # ignores its first argument: batch-ready as is
-    chain = [allow, wm]
-    settings = ServeSettings(processors=lambda rec: chain, logprobs_source=source)  # type: ignore[arg-type]
-    engine = Engine(model, tok, model_name="teacher", max_batch=16)
-    params = GenParams(mode="chat", max_tokens=s["radio_answer_tokens"],
-                       temperature=2.0, top_logprobs=5, seed=3)  # fmt: skip
-    msgs = [[{"role": "user", "content": p}] for p in prompts]
-    with serve_in_background(create_app(engine, settings)) as url:
-        stats = harvest(msgs, store, endpoint=url + "/v1", model="teacher", params=params,
-                        concurrency=16)  # fmt: skip
-    return {"done": stats.done, "failed": stats.failed, "seconds": stats.elapsed_s}
+    return [allow, served_cls(kgw)]
 
 
 def distill(store: Path, work: Path, s: dict[str, Any], steps: int) -> Any:
     from transformers import AutoModelForCausalLM
 
     from potstill.config import DistillConfig
+    from potstill.teachers.registry import resolve_model_dir
     from potstill.train.recipe import run_distill
 
+    if s["radio_teacher"] == SMOLLM2:  # fine-tune the model itself, as radioactivity_real.py
+        student = {"init": "checkpoint", "checkpoint": str(resolve_model_dir(SMOLLM2)),
+                   "train_top_layers": s["train_top_layers"]}  # fmt: skip
+    else:
+        student = {"init": "scratch", "layers": s["student_layers"], "width": s["student_width"],
+                   "seed": 0, "tokenizer": s["radio_teacher"]}  # fmt: skip
     cfg = DistillConfig.model_validate(
         {
             "out_dir": str(work),
             "teacher": {"spec": "none"},
-            "student": {"init": "scratch", "layers": s["student_layers"], "width": s["student_width"],
-                        "seed": 0, "tokenizer": s["radio_teacher"]},
+            "student": student,
             "loss": {"ce_weight": 0.0},
             "optim": {"lr": s["student_lr"], "warmup_steps": 10, "weight_decay": 0.0},
-            "data": {"train": f"harvest:{store}", "eval": None, "seq_len": 320},
+            "data": {"train": f"harvest:{store}", "eval": None, "seq_len": s.get("seq_len", 320)},
             "train": {"steps": steps, "micro_batch_size": s["student_batch"], "threads": s["threads"],
                       "save_every": 0, "eval_every": 0, "log_every": 10, "seed": 0},
         }
@@ -104,13 +133,27 @@ def distill(store: Path, work: Path, s: dict[str, Any], steps: int) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=200, help="harvested answers per run")
+    ap.add_argument("--teacher", choices=["tiny", "real"], default="tiny",
+                    help="tiny: the 16-symbol teacher; real: SmolLM2 (see the module doc)")  # fmt: skip
+    ap.add_argument("--n", type=int, help="harvested answers per run (default 200; real: 120)")
     ap.add_argument("--heldout", type=int, default=24, help="held-out watermarked answers")
-    ap.add_argument("--steps", type=int, default=600, help="student optimizer steps")
-    ap.add_argument("--out", default=str(OUT))
+    ap.add_argument(
+        "--steps", type=int, help="student optimizer steps (default 600; real: 3 epochs)"
+    )
+    ap.add_argument(
+        "--sources", default="raw,served", help="which logprobs to distil, comma-separated"
+    )
+    ap.add_argument("--out", help="results file (default results/served_logprobs[_real].json)")
     args = ap.parse_args(argv)
     started = time.time()
-    s = radio.settings_for(False)
+    real = args.teacher == "real"
+    s = real_settings() if real else radio.settings_for(False)
+    args.n = args.n or (120 if real else 200)
+    args.steps = args.steps or (s["epochs"] * args.n // s["student_batch"] if real else 600)
+    args.out = args.out or str(OUT_REAL if real else OUT)
+    sources = [x for x in args.sources.split(",") if x]
+    if not sources or set(sources) - {"raw", "served"}:
+        raise SystemExit(f"--sources takes raw and/or served, got {args.sources!r}")
     torch.set_num_threads(s["threads"])
     from potstill.forensics import collect_open_tuples, collect_soft, score_corpus, score_soft
     from potstill.forensics.radioactivity import windows_of
@@ -122,9 +165,15 @@ def main(argv: list[str] | None = None) -> int:
         "kgw", gamma=s["gamma"], delta=s["delta"], context_width=s["context_width"]
     )
     tok = load_tokenizer(s["radio_teacher"])
-    prompts = radio.radio_prompts(args.n + args.heldout)
+    if real:
+        from potstill.harvest.prompts import default_prompts
+
+        prompts = default_prompts(args.n + args.heldout, seed=11)
+    else:
+        prompts = radio.radio_prompts(args.n + args.heldout)
     train_p, held_p = prompts[: args.n], prompts[args.n :]
     k = s["context_width"]
+    bs = 8 if real else 16  # texts per argmax-audit forward pass
     excl = windows_of([tok(p, add_special_tokens=False)["input_ids"] for p in prompts], k)
     runs: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="potstill-served-lp-") as tmp:
@@ -134,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         conn = st.connect(held_store, readonly=True)
         heldout = [r["completion"] for r in st.iter_records(conn)]
         conn.close()
-        for source in ("raw", "served"):
+        for source in sources:
             t0 = time.perf_counter()
             store = work / f"{source}.sqlite"
             h = harvest_from_server(source, train_p, store, s)
@@ -142,11 +191,11 @@ def main(argv: list[str] | None = None) -> int:
             recs = list(st.iter_records(conn))
             conn.close()
             texts = [r["completion"] for r in recs]
-            green_mass = _green_top_mass(recs, tok, params)
+            green_mass = _green_top_mass(recs, tok, params, real)
             model, last = distill(store, work / f"run_{source}", s, args.steps)
             audit = {}
             for name, pool in (("open", texts), ("open_heldout", heldout)):
-                tuples, n_tok, n_cp = collect_open_tuples(model, tok, pool, k, batch_size=16)
+                tuples, n_tok, n_cp = collect_open_tuples(model, tok, pool, k, batch_size=bs)
                 r = score_corpus(tuples, radio.KEY, params, mode="open", n_texts=len(pool),
                                  n_tokens=n_tok, prompt_windows=excl, n_excluded_copies=n_cp)  # fmt: skip
                 audit[name] = {"p": r.p_value, "n_scored": r.n_scored, "green_rate": r.statistic}
@@ -171,32 +220,43 @@ def main(argv: list[str] | None = None) -> int:
             "top_logprobs": 5,
             "loss": "pure top-k KD (ce_weight 0)",
             "teacher": s["radio_teacher"],
-            "temperature": s["radio_temperature"],
+            "temperature": s.get("temperature", s.get("radio_temperature")),
             "watermark": params.to_dict(),
-            "student": [s["student_layers"], s["student_width"]],
+            "student": (
+                f"{SMOLLM2}, top {s['train_top_layers']} of 30 layers"
+                if real
+                else [s["student_layers"], s["student_width"]]
+            ),
+            "sources": sources,
         },
-        "raw": runs["raw"],
-        "served": runs["served"],
-        "p_open_raw": runs["raw"]["audit"]["open"]["p"],
-        "p_open_served": runs["served"]["audit"]["open"]["p"],
-        "p_heldout_raw": runs["raw"]["audit"]["open_heldout"]["p"],
-        "p_heldout_served": runs["served"]["audit"]["open_heldout"]["p"],
-        "p_open_soft_raw": runs["raw"]["audit"]["open_soft"]["p"],
-        "p_open_soft_served": runs["served"]["audit"]["open_soft"]["p"],
-        "p_heldout_soft_raw": runs["raw"]["audit"]["open_heldout_soft"]["p"],
-        "p_heldout_soft_served": runs["served"]["audit"]["open_heldout_soft"]["p"],
+        **runs,
         "provenance": provenance(started),
     }
+    for src in sources:
+        a = runs[src]["audit"]
+        result |= {f"p_open_{src}": a["open"]["p"], f"p_heldout_{src}": a["open_heldout"]["p"],
+                   f"p_open_soft_{src}": a["open_soft"]["p"],
+                   f"p_heldout_soft_{src}": a["open_heldout_soft"]["p"]}  # fmt: skip
     atomic_write_json(args.out, result)
     print(f"-> {args.out}")
     return 0
 
 
-def _green_top_mass(recs: list[dict], tok: Any, params: Any) -> float:
-    """Share of the harvested top-5 probability mass on green tokens (under the owner's key)."""
+def _green_top_mass(recs: list[dict], tok: Any, params: Any, real: bool) -> float:
+    """Share of the harvested top-5 probability mass on green tokens (under the owner's key).
+
+    A reported token maps to its id by its bytes: the tiny teacher's ids are its bytes; a real
+    vocabulary goes through the harvester's own ``TokenMapper`` (tokens it cannot map: skipped).
+    """
     import math
 
+    from potstill.harvest.dataset import TokenMapper
     from potstill.watermark.kgw import KGWProcessor
+
+    def tiny_id(token: str, raw: list[int] | None) -> int | None:
+        return raw[0] if raw else tok.convert_tokens_to_ids(token)
+
+    to_id = TokenMapper(tok) if real else tiny_id
 
     proc = KGWProcessor(
         radio.KEY, gamma=params.gamma, delta=params.delta, context_width=params.context_width
@@ -209,12 +269,16 @@ def _green_top_mass(recs: list[dict], tok: Any, params: Any) -> float:
             if len(ids) >= k:
                 ctx = tuple(ids[-k:])
                 for token, lp, raw in entry["top"]:
-                    t = raw[0] if raw else tok.convert_tokens_to_ids(token)
+                    t = to_id(token, raw)
+                    if t is None:
+                        continue
                     p = math.exp(lp)
                     total += p
                     green += p * proc.is_green(ctx, int(t))
-            tb = entry.get("bytes")
-            ids.append(tb[0] if tb else tok.convert_tokens_to_ids(entry["token"]))
+            t = to_id(entry["token"], entry.get("bytes"))
+            if t is None:  # an unmappable sampled token: this answer's contexts end here
+                break
+            ids.append(t)
     return green / total if total else float("nan")
 
 
