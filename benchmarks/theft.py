@@ -1,6 +1,6 @@
 """The theft scenario on real models: a cross-family thief harvests SmolLM2 and is convicted.
 
-    python benchmarks/theft.py            # full CPU run (~85 min on 2 cores)
+    python benchmarks/theft.py            # full CPU run (93 min on 2 cores, 2026-12-01)
     python benchmarks/theft.py --quick    # smoke run (a few minutes; writes to the temp dir)
 
 1. Teacher: SmolLM2-135M-Instruct behind ``potstill serve`` (loopback), once with a KGW
