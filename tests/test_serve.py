@@ -307,8 +307,10 @@ def test_rate_limit_429(tiny: tuple[Any, Any]) -> None:
         srv = {"url": url}
         ok = post(srv, "/v1/completions", {"model": MODEL, "prompt": "abcd", "max_tokens": 50})
         assert ok.status_code == 200
-        # 54 charged, unused tokens refunded only if generation stopped early: 46 left < 54.
-        resp = post(srv, "/v1/completions", {"model": MODEL, "prompt": "abcd", "max_tokens": 50})
+        # 54 charged (unused tokens are refunded only if generation stops early): 46 left. The
+        # bucket refills at 100/min, so the next request needs 99 - 46 = 53 tokens of refill,
+        # 32 s: no machine is that slow between the two calls (asking 54 raced a 5 s refill).
+        resp = post(srv, "/v1/completions", {"model": MODEL, "prompt": "abcd", "max_tokens": 95})
         assert_error_shape(resp, 429)
         assert int(resp.headers["Retry-After"]) >= 1
 
