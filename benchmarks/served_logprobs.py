@@ -72,7 +72,7 @@ def harvest_from_server(source: str, prompts: list[str], store: Path, s: dict[st
         chain: list[Any] = [ServedKGW(kgw)]
         temperature = s["temperature"]
     else:
-        chain, temperature = _tiny_chain(model, s, KGWProcessor, ServedKGW), 2.0
+        chain, temperature = _tiny_chain(model, s), 2.0
     settings = ServeSettings(processors=lambda rec: chain, logprobs_source=source)  # type: ignore[arg-type]
     engine = Engine(model, tok, model_name="teacher", max_batch=16)
     params = GenParams(mode="chat", max_tokens=s["radio_answer_tokens"],
@@ -84,8 +84,11 @@ def harvest_from_server(source: str, prompts: list[str], store: Path, s: dict[st
     return {"done": stats.done, "failed": stats.failed, "seconds": stats.elapsed_s}
 
 
-def _tiny_chain(model: Any, s: dict[str, Any], kgw_cls: Any, served_cls: Any) -> list[Any]:
+def _tiny_chain(model: Any, s: dict[str, Any]) -> list[Any]:
     """The tiny teacher's processors (and its flattened head, changed in place)."""
+    from potstill.serve.watermarking import ServedKGW
+    from potstill.watermark import KGWProcessor
+
     # The radioactivity benchmark samples this teacher at temperature 5; the API caps
     # temperature at 2, so the model itself is made flatter (lm_head / 2.5, untied from the
     # embeddings) and served at temperature 2: the same sampled distribution before the
@@ -95,9 +98,11 @@ def _tiny_chain(model: Any, s: dict[str, Any], kgw_cls: Any, served_cls: Any) ->
         head.weight = torch.nn.Parameter(
             head.weight.detach().clone() / (s["radio_temperature"] / 2.0)
         )
-    kgw = kgw_cls(radio.KEY, gamma=s["gamma"], delta=s["delta"], context_width=s["context_width"])
+    kgw = KGWProcessor(
+        radio.KEY, gamma=s["gamma"], delta=s["delta"], context_width=s["context_width"]
+    )
     allow = radio.AllowOnly(radio.ALPHABET)  # ignores its first argument: batch-ready as is
-    return [allow, served_cls(kgw)]
+    return [allow, ServedKGW(kgw)]
 
 
 def distill(store: Path, work: Path, s: dict[str, Any], steps: int) -> Any:
