@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from pathlib import Path
@@ -187,6 +188,50 @@ def test_open_mode_null_calibration(scheme: str) -> None:
     assert stats.kstest(pvals, "uniform").pvalue < 1e-4
     assert sum(p < 0.01 for p in pvals) > stats.binom.interval(0.99, 200, 0.01)[1]
     _calibrated([corpus_p(rand_key(i), True, rep_tuples) for i in range(200)])
+
+
+def _bigram_texts(
+    logits: torch.Tensor, n: int, length: int, seed: int, wm: Any = None
+) -> list[list[int]]:
+    """``n`` texts of ``length`` ids sampled from a bigram model ``logits [V, V]``, each step
+    through the watermark processor ``wm`` if given (the owner's served answers)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 16, (n, 1), generator=g)
+    for _ in range(length - 1):
+        scores = logits[x[:, -1]]
+        if wm is not None:
+            scores = wm(x, scores)
+        x = torch.cat([x, torch.multinomial(scores.softmax(-1), 1, generator=g)], 1)
+    return x.tolist()
+
+
+def test_closed_mode_filter_keeps_the_null_when_the_owner_data_is_regenerated_per_key() -> None:
+    """The filter is built from the owner's watermarked answers, so it depends on the key.
+    Its null: over keys, an independent suspect's p-values stay uniform (the owner's data is
+    regenerated under each key, as it would be). A filter on whole (window, token) tuples of
+    the owner's data, which selects green tuples, must break the same check."""
+    v, k = 256, 1
+    params = WatermarkParams("kgw", gamma=0.25, delta=3.0, context_width=k)
+    zipf = -1.1 * torch.log(torch.arange(1, v + 1, dtype=torch.float32))
+    g = torch.Generator().manual_seed(0)
+    owner_lm = zipf + 2.0 * torch.randn(v, v, generator=g)
+    suspect_lm = zipf + 2.0 * torch.randn(v, v, generator=g)
+    suspect = _bigram_texts(suspect_lm, 48, 48, seed=1)
+    tuples = [((a,), b) for row in suspect for a, b in itertools.pairwise(row)]
+    windows_p, tuples_p = [], []
+    for i in range(300):
+        key = rand_key(i)
+        wm = KGWProcessor(key, gamma=0.25, delta=3.0, context_width=k)
+        owner = _bigram_texts(owner_lm, 48, 48, seed=100 + i, wm=wm)
+        seen = {((a,), b) for row in owner for a, b in itertools.pairwise(row)}
+        windows = {w for w, _ in seen}
+        run = dict(mode="closed", n_texts=len(suspect), n_tokens=48 * 48)
+        windows_p.append(score_corpus(tuples, key, params, filter_windows=windows, **run).p_value)
+        picked = [t for t in tuples if t in seen]  # the biased filter, for contrast
+        tuples_p.append(score_corpus(picked, key, params, **run).p_value)
+    ks, fp = _calibrated(windows_p, alpha=0.05)
+    print(f"closed-mode window filter null: KS p={ks:.3f}, {fp}/300 below 0.05")
+    assert stats.kstest(tuples_p, "uniform").pvalue < 1e-6
 
 
 # ---------------------------------------------------------------- prompt exclusion, filter
