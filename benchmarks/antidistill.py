@@ -4,7 +4,7 @@
     python benchmarks/antidistill.py --quick    # smoke run (< 3 min)
 
 After Savani et al. 2025, "Antidistillation Sampling", at CPU scale on the verifiable task
-of :mod:`potstill.evaluate.tasks` (2-digit addition with a carry trace whose operand order
+of :mod:`potstill.distill.evaluate.tasks` (2-digit addition with a carry trace whose operand order
 is free, so outputs have slack). Writes ``benchmarks/results/antidistill.json`` and
 ``antidistill_tradeoff.png``:
 
@@ -54,9 +54,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from potstill.core.io import atomic_write_json
 from potstill.defend.antidistill import AntidistillPerturbation, fit_antidistill_grad
-from potstill.evaluate.tasks import TaskExample, accuracy, make_examples, reference_output
-from potstill.io import atomic_write_json
+from potstill.distill.evaluate.tasks import TaskExample, accuracy, make_examples, reference_output
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _provenance import provenance
@@ -152,8 +152,8 @@ def train_lm(s: dict[str, Any], pairs: list[tuple[str, str]], shape: list[int], 
     assistant tokens of the (prompt, output) pairs); returns (model in eval mode, info)."""
     from transformers import AutoModelForCausalLM
 
-    from potstill.config import DistillConfig
-    from potstill.train.recipe import run_distill
+    from potstill.distill.config import DistillConfig
+    from potstill.distill.train.recipe import run_distill
 
     path = work / f"{name}.jsonl"
     with path.open("w") as fh:
@@ -283,7 +283,7 @@ def chat_batches(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Right-padded (input_ids [b, T], labels [b, T]) batches; labels on assistant tokens
     (incl. <|im_end|>), -100 elsewhere (what ``run_distill`` trains on)."""
-    from potstill.harvest.dataset import build_chat_data
+    from potstill.distill.data.chat import build_chat_data
 
     msgs = [
         {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": o}]}
@@ -471,8 +471,8 @@ def baseline_accuracy(s: dict[str, Any], env: dict[str, Any]) -> float:
     """Greedy test accuracy of the students' inits (the same scratch weights that
     ``run_distill`` builds from ``student.seed + r``), before any distillation; mean over
     the replicates."""
-    from potstill.config import StudentConfig
-    from potstill.train.student import build_student
+    from potstill.distill.config import StudentConfig
+    from potstill.distill.train.student import build_student
 
     layers, width, seed = s["student"]
     accs = []
@@ -572,7 +572,7 @@ def cost_engine(
 
 def build_env(s: dict[str, Any], work: Path) -> dict[str, Any]:
     """Teacher (on ground truth), proxy (on undefended teacher samples), the perturbation."""
-    from potstill.teachers import load_tokenizer
+    from potstill.core.models import load_tokenizer
 
     tok = load_tokenizer(TOKENIZER)
     ex = split_examples(s)

@@ -24,7 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _provenance import provenance
-from potstill.io import atomic_write_json
+from potstill.core.io import atomic_write_json
 
 OUT = Path(__file__).resolve().parent / "results" / "echo_memory.json"
 VOCAB = 49_152

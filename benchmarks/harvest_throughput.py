@@ -24,9 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from potstill.core.io import atomic_write_json
+from potstill.core.prompts import default_prompts
 from potstill.harvest.client import GenParams, RetryPolicy, harvest
-from potstill.harvest.prompts import default_prompts
-from potstill.io import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "serve_throughput.json"

@@ -81,7 +81,7 @@ def matmul_peak(device: str, dtype: torch.dtype, n: int, seconds: float = 2.0) -
 def make_data(tmp: Path, tokenizer: Any, n_blocks: int, seq_len: int, quick: bool) -> str:
     """A .jsonl training file that packs into about ``n_blocks`` blocks (Shakespeare if
     cached locally, else synthetic text), so the cache covers only what is trained on."""
-    from potstill.data import load_texts
+    from potstill.distill.data import load_texts
 
     try:
         texts = load_texts("shakespeare:train")
@@ -103,7 +103,7 @@ def make_data(tmp: Path, tokenizer: Any, n_blocks: int, seq_len: int, quick: boo
 
 
 def heldout_blocks(tokenizer: Any, seq_len: int, n: int) -> torch.Tensor:
-    from potstill.data import load_texts, pack_sequences, tokenize_texts
+    from potstill.distill.data import load_texts, pack_sequences, tokenize_texts
 
     try:
         texts = load_texts("shakespeare:heldout")
@@ -116,7 +116,7 @@ def heldout_blocks(tokenizer: Any, seq_len: int, n: int) -> torch.Tensor:
 
 
 def distill_cfg(a: argparse.Namespace, out: Path, data: str, teacher: str, **extra: Any) -> Any:
-    from potstill.config import DistillConfig, load_config
+    from potstill.distill.config import DistillConfig, load_config
 
     items = {
         "out_dir": str(out),
@@ -157,7 +157,7 @@ def step_times_from_metrics(run: Path) -> list[float]:
 
 
 def run_potstill(cfg: Any, device: str) -> list[float]:
-    from potstill.train import recipe
+    from potstill.distill.train import recipe
 
     if device == "cuda":  # run_distill leaves an online teacher where it was loaded
         real = recipe.load_teacher
@@ -185,9 +185,9 @@ def run_trl(a: argparse.Namespace, tmp: Path, tokenizer: Any, blocks: torch.Tens
     from transformers import TrainerCallback
     from trl.experimental.gkd import GKDConfig, GKDTrainer
 
-    from potstill.config import StudentConfig
-    from potstill.teachers import load_model
-    from potstill.train.student import build_student
+    from potstill.core.models import load_model
+    from potstill.distill.config import StudentConfig
+    from potstill.distill.train.student import build_student
 
     student = build_student(
         StudentConfig(layers=a.student_layers, width=a.student_width, seed=0),
@@ -267,15 +267,15 @@ def student_step_time(
 ) -> tuple[float, int, int]:
     """Mean time of the cached-teacher student step (fwd + bwd + AdamW) in fp32; returns
     (seconds per step, tokens per step, unique student params)."""
-    from potstill.train.data import prepare_data
-    from potstill.train.recipe import (
+    from potstill.distill.train.data import prepare_data
+    from potstill.distill.train.recipe import (
         HiddenLM,
         StepStats,
         make_objective,
         make_optimizer,
         micro_loss,
     )
-    from potstill.train.student import build_student, count_params
+    from potstill.distill.train.student import build_student, count_params
 
     cfg = distill_cfg(a, Path(tempfile.mkdtemp()), data, f"cache:{cache_dir}")
     cfg.train.micro_batch_size = a.mfu_batch
@@ -320,7 +320,7 @@ def rss_probe(
 ) -> dict[str, float]:
     """One KD loss step (student head, forward KL vs the teacher's head, backward); runs in a
     fresh process. Returns peak memory (MB) and the baseline before the step."""
-    from potstill.losses import forward_kl, fused_linear_kd_loss
+    from potstill.distill.losses import forward_kl, fused_linear_kd_loss
 
     g = torch.Generator().manual_seed(0)
     h = torch.randn(tokens, hs, generator=g).to(device).requires_grad_(True)
@@ -415,9 +415,14 @@ def main() -> None:
     import warnings
 
     warnings.filterwarnings("ignore")
-    from potstill.teachers import load_model
-    from potstill.teachers.cache import CacheJob, bytes_per_token, reconstruction_kl, write_cache
-    from potstill.train.student import count_params
+    from potstill.core.models import load_model
+    from potstill.distill.teachers.cache import (
+        CacheJob,
+        bytes_per_token,
+        reconstruction_kl,
+        write_cache,
+    )
+    from potstill.distill.train.student import count_params
 
     t_start = time.perf_counter()
     res: dict[str, Any] = {"settings": {k: v for k, v in vars(a).items() if k != "rss_probe"}}
@@ -456,7 +461,7 @@ def main() -> None:
     log(f"potstill online: {tokens_per_step / steady(online, a.warmup):.0f} tok/s")
     cached = run_potstill(distill_cfg(a, tmp / "cached", data, f"cache:{cache_dir}"), a.device)
     log(f"potstill cached: {tokens_per_step / steady(cached, a.warmup):.0f} tok/s")
-    from potstill.train.data import prepare_data
+    from potstill.distill.train.data import prepare_data
 
     blocks = prepare_data(distill_cfg(a, tmp / "x", data, a.teacher), tok, world_size=1).blocks
     trl = run_trl(a, tmp, tok, blocks[:n_blocks])
@@ -467,7 +472,7 @@ def main() -> None:
     }
 
     # 4. MFU (documented in the module docstring).
-    from potstill.train.student import build_student
+    from potstill.distill.train.student import build_student
 
     n_student = count_params(
         build_student(distill_cfg(a, tmp / "y", data, a.teacher).student, tok, max_len=a.seq_len)

@@ -30,6 +30,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _provenance import provenance
+from potstill.core.io import atomic_write_json
+from potstill.core.prompts import default_prompts
 from potstill.defend.embed import load_embedder
 from potstill.defend.monitor import (
     DECISION_STATS,
@@ -39,8 +41,6 @@ from potstill.defend.monitor import (
     window_stats,
 )
 from potstill.defend.traffic import persona_pools, simulate_window
-from potstill.harvest.prompts import default_prompts
-from potstill.io import atomic_write_json
 
 FRACTIONS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
 OUT = Path(__file__).resolve().parent / "results"
@@ -56,7 +56,7 @@ PARAPHRASE = "Rewrite this request in other words. Reply with the rewritten requ
 
 def shakespeare_pools(rng: random.Random, per_play: int) -> dict[str, list[str]]:
     """Per play, ``per_play`` reader questions about random passages of 1-3 lines."""
-    from potstill.data.corpus import shakespeare_works
+    from potstill.distill.data.corpus import shakespeare_works
 
     pools = {}
     for play, text in shakespeare_works("train").items():
@@ -76,7 +76,7 @@ def paraphrased_sweep(n: int, max_tokens: int = 48) -> list[str]:
     import json
     import threading
 
-    from potstill.data.corpus import cache_root
+    from potstill.distill.data.corpus import cache_root
     from potstill.serve.engine import Engine, Event, SamplingParams
 
     sweep = default_prompts(n)

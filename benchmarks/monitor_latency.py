@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _provenance import provenance
-from potstill.io import atomic_write_json
+from potstill.core.io import atomic_write_json
 
 OUT = Path(__file__).resolve().parent / "results" / "monitor_latency.json"
 
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         serve(args.serve, args.model, args.port_file)
         return 0
     started = time.time()
-    from potstill.harvest.prompts import default_prompts
+    from potstill.core.prompts import default_prompts
 
     prompts = default_prompts(4000)  # distinct: the embedder's cache never answers
     runs: dict[str, dict] = {}

@@ -53,8 +53,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from potstill.forensics import collect_open_tuples, score_corpus
-from potstill.watermark import KGWProcessor, WatermarkKey, WatermarkParams, detect_text
+from potstill.core.watermark import KGWProcessor, WatermarkKey, WatermarkParams, detect_text
+from potstill.detect import collect_open_tuples, score_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -200,8 +200,8 @@ def generate(
 
 def part1_single_text(s: dict[str, Any], params: WatermarkParams) -> tuple[dict[str, Any], Any]:
     """KGW power on single SmolLM2 answers, and the FPR on unwatermarked ones."""
-    from potstill.harvest.prompts import default_prompts
-    from potstill.teachers import load_model
+    from potstill.core.models import load_model
+    from potstill.core.prompts import default_prompts
 
     t0 = time.perf_counter()
     model, tok = load_model("smollm2-135m-instruct")
@@ -253,13 +253,13 @@ def part1_single_text(s: dict[str, Any], params: WatermarkParams) -> tuple[dict[
 
 def radio_prompts(n: int) -> list[str]:
     """Short distinct prompts (the byte tokenizer makes long ones costly)."""
-    from potstill.harvest.prompts import default_prompts
+    from potstill.core.prompts import default_prompts
 
     return [p for p in default_prompts(6 * n + 200, seed=1) if len(p) <= 90][:n]
 
 
 def make_corpus(s: dict[str, Any]) -> dict[str, Any]:
-    from potstill.teachers import load_model
+    from potstill.core.models import load_model
 
     teacher, tok = load_model(s["radio_teacher"])
     teacher.eval()
@@ -289,8 +289,8 @@ def train_student(s: dict[str, Any], corpus: dict[str, Any], rho: float, work: P
     """A student trained by ``run_distill`` on the rho-mixed set; returns the model (eval)."""
     from transformers import AutoModelForCausalLM
 
-    from potstill.config import DistillConfig
-    from potstill.train.recipe import run_distill
+    from potstill.distill.config import DistillConfig
+    from potstill.distill.train.recipe import run_distill
 
     n = len(corpus["train_prompts"])
     marked = set(random.Random(f"rho-{rho}").sample(range(n), round(rho * n)))
@@ -335,8 +335,8 @@ def open_p_curve(tuples: list[Any], params: WatermarkParams, sizes: list[int]) -
 def audit_student(
     s: dict[str, Any], corpus: dict[str, Any], model: Any, params: WatermarkParams
 ) -> dict[str, Any]:
-    from potstill.forensics import radioactivity_closed
-    from potstill.forensics.radioactivity import windows_of
+    from potstill.detect import radioactivity_closed
+    from potstill.detect.radioactivity import windows_of
 
     tok, k = corpus["tok"], s["context_width"]
     excl = windows_of(
@@ -439,7 +439,7 @@ def part3_null(
     )
     sources["tiny_teacher"] = teacher_tuples
     # SmolLM2 teacher-forced on clean human-style text (the default prompts themselves).
-    from potstill.harvest.prompts import default_prompts
+    from potstill.core.prompts import default_prompts
 
     model, tok = smol
     clean_texts = default_prompts(s["null_smollm_texts"], seed=7)
@@ -476,7 +476,7 @@ def ablation_texts(s: dict[str, Any], corpus: dict[str, Any]) -> tuple[list[str]
 def part4_ablation(
     s: dict[str, Any], params: WatermarkParams, keep: dict[str, Any]
 ) -> dict[str, Any]:
-    from potstill.forensics import radioactivity_closed
+    from potstill.detect import radioactivity_closed
 
     corpus, ctl = keep["corpus"], keep["0"]
     tok, n_keys = corpus["tok"], s["null_keys"]
@@ -604,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="potstill-radio-") as tmp:
         partial = args.out.with_name(args.out.stem + "_partial.json")
         if args.part1_json is not None:  # reuse a finished part 1 (e.g. a *_partial.json)
-            from potstill.teachers import load_model
+            from potstill.core.models import load_model
 
             p1 = json.loads(args.part1_json.read_text())["single_text"]
             smol = load_model("smollm2-135m-instruct")

@@ -60,9 +60,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _provenance import provenance
-from potstill.forensics.radioactivity import collect_open_tuples, score_corpus
-from potstill.forensics.soft import collect_soft, green_pairs, score_soft, weighted_bernoulli_tail
-from potstill.watermark import KGWProcessor, WatermarkParams
+from potstill.core.watermark import KGWProcessor, WatermarkParams
+from potstill.detect.radioactivity import collect_open_tuples, score_corpus
+from potstill.detect.soft import collect_soft, green_pairs, score_soft, weighted_bernoulli_tail
 from radioactivity import KEY, calibration, generate, null_key
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,7 +112,7 @@ def _cache_path(s: dict[str, Any]) -> Path:
 
 def make_corpus(s: dict[str, Any], model: Any, tok: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """(corpus, reuse record): the answers, generated once per setting and cached."""
-    from potstill.harvest.prompts import default_prompts
+    from potstill.core.prompts import default_prompts
 
     path = _cache_path(s)
     if path.exists():
@@ -161,9 +161,9 @@ def train_student(
     """SmolLM2 fine-tuned on the rho-mixed answers (same prompts, tokens and steps per rho)."""
     from transformers import AutoModelForCausalLM
 
-    from potstill.config import DistillConfig
-    from potstill.teachers.registry import resolve_model_dir
-    from potstill.train.recipe import run_distill
+    from potstill.core.models import resolve_model_dir
+    from potstill.distill.config import DistillConfig
+    from potstill.distill.train.recipe import run_distill
 
     n = len(corpus["train_prompts"])
     marked = set(random.Random(f"rho-{rho}").sample(range(n), round(rho * n)))
@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     params = WatermarkParams(
         "kgw", gamma=s["gamma"], delta=s["delta"], context_width=s["context_width"]
     )
-    from potstill.teachers import load_model
+    from potstill.core.models import load_model
 
     teacher, tok = load_model(TEACHER)
     teacher.eval()

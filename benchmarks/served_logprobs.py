@@ -41,7 +41,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import radioactivity as radio
 from _provenance import provenance
-from potstill.io import atomic_write_json
+from potstill.core.io import atomic_write_json
 
 OUT = Path(__file__).resolve().parent / "results" / "served_logprobs.json"
 OUT_REAL = OUT.with_name("served_logprobs_real.json")
@@ -57,13 +57,13 @@ def real_settings() -> dict[str, Any]:
 
 def harvest_from_server(source: str, prompts: list[str], store: Path, s: dict[str, Any]) -> dict:
     """Serve the watermarked teacher with ``logprobs_source=source`` and harvest ``prompts``."""
+    from potstill.core.models import load_model
+    from potstill.core.watermark import KGWProcessor
     from potstill.harvest.client import GenParams, harvest
     from potstill.serve.app import ServeSettings, create_app
     from potstill.serve.background import serve_in_background
     from potstill.serve.engine import Engine
     from potstill.serve.watermarking import ServedKGW
-    from potstill.teachers import load_model
-    from potstill.watermark import KGWProcessor
 
     model, tok = load_model(s["radio_teacher"])
     if s["radio_teacher"] == SMOLLM2:  # the real vocabulary: the model as it is, temperature 1
@@ -86,8 +86,8 @@ def harvest_from_server(source: str, prompts: list[str], store: Path, s: dict[st
 
 def _tiny_chain(model: Any, s: dict[str, Any]) -> list[Any]:
     """The tiny teacher's processors (and its flattened head, changed in place)."""
+    from potstill.core.watermark import KGWProcessor
     from potstill.serve.watermarking import ServedKGW
-    from potstill.watermark import KGWProcessor
 
     # The radioactivity benchmark samples this teacher at temperature 5; the API caps
     # temperature at 2, so the model itself is made flatter (lm_head / 2.5, untied from the
@@ -108,9 +108,9 @@ def _tiny_chain(model: Any, s: dict[str, Any]) -> list[Any]:
 def distill(store: Path, work: Path, s: dict[str, Any], steps: int) -> Any:
     from transformers import AutoModelForCausalLM
 
-    from potstill.config import DistillConfig
-    from potstill.teachers.registry import resolve_model_dir
-    from potstill.train.recipe import run_distill
+    from potstill.core.models import resolve_model_dir
+    from potstill.distill.config import DistillConfig
+    from potstill.distill.train.recipe import run_distill
 
     if s["radio_teacher"] == SMOLLM2:  # fine-tune the model itself, as radioactivity_real.py
         student = {"init": "checkpoint", "checkpoint": str(resolve_model_dir(SMOLLM2)),
@@ -160,18 +160,18 @@ def main(argv: list[str] | None = None) -> int:
     if not sources or set(sources) - {"raw", "served"}:
         raise SystemExit(f"--sources takes raw and/or served, got {args.sources!r}")
     torch.set_num_threads(s["threads"])
-    from potstill.forensics import collect_open_tuples, collect_soft, score_corpus, score_soft
-    from potstill.forensics.radioactivity import windows_of
-    from potstill.harvest import store as st
-    from potstill.teachers import load_tokenizer
-    from potstill.watermark import WatermarkParams
+    from potstill.core import store as st
+    from potstill.core.models import load_tokenizer
+    from potstill.core.watermark import WatermarkParams
+    from potstill.detect import collect_open_tuples, collect_soft, score_corpus, score_soft
+    from potstill.detect.radioactivity import windows_of
 
     params = WatermarkParams(
         "kgw", gamma=s["gamma"], delta=s["delta"], context_width=s["context_width"]
     )
     tok = load_tokenizer(s["radio_teacher"])
     if real:
-        from potstill.harvest.prompts import default_prompts
+        from potstill.core.prompts import default_prompts
 
         prompts = default_prompts(args.n + args.heldout, seed=11)
     else:
@@ -255,8 +255,8 @@ def _green_top_mass(recs: list[dict], tok: Any, params: Any, real: bool) -> floa
     """
     import math
 
-    from potstill.harvest.dataset import TokenMapper
-    from potstill.watermark.kgw import KGWProcessor
+    from potstill.core.watermark.kgw import KGWProcessor
+    from potstill.distill.data.chat import TokenMapper
 
     def tiny_id(token: str, raw: list[int] | None) -> int | None:
         return raw[0] if raw else tok.convert_tokens_to_ids(token)

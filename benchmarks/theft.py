@@ -61,7 +61,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _provenance import provenance
-from potstill.watermark import WatermarkParams
+from potstill.core.watermark import WatermarkParams
 from radioactivity import KEY, generate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,7 +133,7 @@ def gemma_gguf() -> Path:
 
 def gemma_dir() -> Path:
     """The converted Gemma directory, with a Gemma chat template when the GGUF has none."""
-    from potstill.teachers.registry import resolve_model_dir
+    from potstill.core.models import resolve_model_dir
 
     target = resolve_model_dir(str(gemma_gguf()))  # converted once, then cached
     assert target is not None
@@ -144,7 +144,7 @@ def gemma_dir() -> Path:
 
 
 def load(path: str | Path) -> tuple[Any, Any]:
-    from potstill.teachers import load_model
+    from potstill.core.models import load_model
 
     model, tok = load_model(str(path))
     return model.eval(), tok
@@ -186,7 +186,7 @@ def serve_harvest(
 
 def answers(store: Path) -> list[tuple[str, str]]:
     """(prompt, answer) pairs of a harvest store (its record order, not the prompt order)."""
-    from potstill.harvest.export import store_examples
+    from potstill.core.messages import store_examples
 
     return [
         (ex["messages"][0]["content"], ex["messages"][-1]["content"])
@@ -214,8 +214,8 @@ def finetune_gemma(
     """One epoch over ``pairs``; returns {answers seen: model dir} at each ``n_grid`` point."""
     from safetensors.torch import load_file
 
-    from potstill.config import DistillConfig
-    from potstill.train.recipe import run_distill
+    from potstill.distill.config import DistillConfig
+    from potstill.distill.train.recipe import run_distill
 
     mb = s["micro_batch"]
     steps = len(pairs) // mb
@@ -270,8 +270,8 @@ def tiny_students(
 ) -> list[Path]:
     """Independent small students (SmolLM2 tokenizer) on non-teacher chat data: seeds, sizes
     and Shakespeare passages differ (student i reads its own stretch of the corpus)."""
-    from potstill.config import DistillConfig
-    from potstill.train.recipe import run_distill
+    from potstill.distill.config import DistillConfig
+    from potstill.distill.train.recipe import run_distill
 
     shapes = [(2, 128), (4, 128), (2, 256), (3, 192), (1, 256)]
     out = []
@@ -316,8 +316,8 @@ def closed_p(
     teacher_tok: Any,
     params: WatermarkParams,
 ) -> dict[str, Any]:
-    from potstill.errors import PotstillError
-    from potstill.forensics.radioactivity import radioactivity_closed
+    from potstill.core.errors import PotstillError
+    from potstill.detect.radioactivity import radioactivity_closed
 
     try:
         r = radioactivity_closed(
@@ -361,8 +361,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(s: dict[str, Any], work: Path) -> dict[str, Any]:
-    from potstill.data.corpus import load_texts
-    from potstill.harvest.prompts import default_prompts
+    from potstill.core.prompts import default_prompts
+    from potstill.distill.data.corpus import load_texts
 
     params = WatermarkParams(
         "kgw", gamma=s["gamma"], delta=s["delta"], context_width=s["context_width"]
@@ -453,7 +453,8 @@ def provenance_block(
     Bonferroni combination over them: ``p = min(1, m min_i p_i)`` for m statistics, so that
     testing twice never buys a conviction. Suspects are tested against every independent
     model; every independent model is tested against the others (the false-flag rate)."""
-    from potstill.forensics.provenance import (
+    from potstill.core.prompts import default_prompts
+    from potstill.detect.provenance import (
         Candidate,
         ModelScores,
         answer_ll,
@@ -461,7 +462,6 @@ def provenance_block(
         prompt_ll_per_byte,
         score_models,
     )  # fmt: skip
-    from potstill.harvest.prompts import default_prompts
 
     ref_model, ref_tok = load(base)
     reference = Candidate("gemma_base", ref_model, ref_tok)

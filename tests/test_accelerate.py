@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from potstill.config import DistillConfig, load_config
-from potstill.train.recipe import run_distill
+from potstill.distill.config import DistillConfig, load_config
+from potstill.distill.train.recipe import run_distill
 
 from .conftest import REPO, tiny_overrides
 

@@ -18,7 +18,12 @@ pytest.importorskip("fastapi")
 import torch.nn.functional as F  # noqa: E402
 
 from potstill.cli import main  # noqa: E402
-from potstill.data import make_labels  # noqa: E402
+from potstill.core.errors import PotstillError  # noqa: E402
+from potstill.core.models import load_model  # noqa: E402
+from potstill.core.tokenizers import tokenizer_fingerprint  # noqa: E402
+from potstill.core.watermark.detect import detect_text  # noqa: E402
+from potstill.core.watermark.keys import WatermarkKey, write_key  # noqa: E402
+from potstill.core.watermark.params import WatermarkParams  # noqa: E402
 from potstill.defend.antidistill import (  # noqa: E402
     GRAD_FILE,
     META_FILE,
@@ -37,16 +42,12 @@ from potstill.defend.antidistill_serve import (  # noqa: E402
     compose_processor_builders,
     parse_antidistill_arg,
 )
-from potstill.errors import PotstillError  # noqa: E402
+from potstill.distill.data import make_labels  # noqa: E402
 from potstill.serve.app import ServeSettings, create_app  # noqa: E402
 from potstill.serve.background import serve_in_background  # noqa: E402
 from potstill.serve.engine import Engine  # noqa: E402
 from potstill.serve.sampling import DecodeRows  # noqa: E402
 from potstill.serve.watermarking import watermark_processors  # noqa: E402
-from potstill.teachers import load_model, tokenizer_fingerprint  # noqa: E402
-from potstill.watermark.detect import detect_text  # noqa: E402
-from potstill.watermark.keys import WatermarkKey, write_key  # noqa: E402
-from potstill.watermark.params import WatermarkParams  # noqa: E402
 
 PROXY = "tiny:1"
 REAL_VOCAB = 260  # tiny tokenizer; the tiny models' heads are padded to 320
@@ -248,7 +249,7 @@ def test_fit_cli_writes_both_files(
     assert sorted(p.name for p in fit_dir.iterdir()) == sorted([GRAD_FILE, META_FILE])  # no temp
     fit = load_antidistill(fit_dir, proxy)
     meta = json.loads((fit_dir / META_FILE).read_text())
-    from potstill.data import load_texts
+    from potstill.distill.data import load_texts
 
     n_blocks = (len(load_texts(meta["data"])[0].encode()) + 1) // 32  # bytes + eos, packed
     assert meta["proxy"] == PROXY and meta["n_tokens"] == n_blocks * 31  # last label unscored
@@ -257,7 +258,7 @@ def test_fit_cli_writes_both_files(
         math.sqrt(sum(float(g.double().pow(2).sum()) for g in fit.grads.values())), rel=1e-6
     )
     # The same data in one batch, through the library: the same g (batching is irrelevant).
-    from potstill.defend.antidistill_cli import antidistill_data
+    from potstill.cli.antidistill import antidistill_data
 
     ids, labels = antidistill_data(meta["data"], load_model(PROXY)[1], seq_len=32)
     ref, _ = fit_antidistill_grad(proxy, [(ids, labels)])
@@ -291,7 +292,7 @@ def test_fit_cli_chat_data_scores_assistant_tokens_only(tmp_path: Path) -> None:
 def test_interrupted_rewrite_is_detected(
     fit_dir: Path, tmp_path: Path, grads: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import potstill.io
+    import potstill.core.io
 
     d = tmp_path / "ad"
     meta = json.loads((fit_dir / META_FILE).read_text())
@@ -301,7 +302,7 @@ def test_interrupted_rewrite_is_detected(
     def crash(*a: Any, **k: Any) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(potstill.io, "atomic_write_json", crash)
+    monkeypatch.setattr(potstill.core.io, "atomic_write_json", crash)
     with pytest.raises(KeyboardInterrupt):  # dies between the two renames
         save_antidistill(d, {n: g * 2 for n, g in grads.items()}, meta)
     with pytest.raises(PotstillError, match="sha256"):

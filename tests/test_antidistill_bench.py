@@ -12,11 +12,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from potstill.core.models import load_model  # noqa: E402
 from potstill.defend.antidistill import (  # noqa: E402
     AntidistillPerturbation,
     fit_antidistill_grad,
 )
-from potstill.teachers import load_model  # noqa: E402
 
 from .conftest import load_benchmark  # noqa: E402
 

@@ -15,16 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from potstill.config import DistillConfig, load_config
-from potstill.errors import PotstillError
-from potstill.teachers import (
-    build_tiny_model,
-    build_tiny_tokenizer,
-    load_tokenizer,
-    tokenizer_fingerprint,
-)
-from potstill.teachers import cache as cache_mod
-from potstill.teachers.cache import (
+from potstill.core.errors import PotstillError
+from potstill.core.models import load_tokenizer
+from potstill.core.tiny import build_tiny_model, build_tiny_tokenizer
+from potstill.core.tokenizers import tokenizer_fingerprint
+from potstill.distill.config import DistillConfig, load_config
+from potstill.distill.teachers import cache as cache_mod
+from potstill.distill.teachers.cache import (
     U8_STEP,
     CacheJob,
     LogitCache,
@@ -35,8 +32,8 @@ from potstill.teachers.cache import (
     topk_logprobs,
     write_cache,
 )
-from potstill.train.data import prepare_data
-from potstill.train.recipe import (
+from potstill.distill.train.data import prepare_data
+from potstill.distill.train.recipe import (
     HiddenLM,
     StepStats,
     load_student,
@@ -75,7 +72,7 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _blocks(data: str = DATA) -> torch.Tensor:
-    from potstill.teachers.cache import build_blocks
+    from potstill.distill.teachers.cache import build_blocks
 
     return build_blocks(data, build_tiny_tokenizer(), SEQ)[0]
 
@@ -126,7 +123,7 @@ def test_reconstruction_kl_closed_form() -> None:
 
 
 def test_manifest_and_contents_match_the_teacher(cache_dir: Path) -> None:
-    from potstill.data import BlockDataset
+    from potstill.distill.data import BlockDataset
 
     man = json.loads((cache_dir / "manifest.json").read_text())
     tok = build_tiny_tokenizer()
@@ -185,7 +182,7 @@ def test_resume_rewrites_only_missing_shards(
 
 
 def test_refuses_mismatched_data_tokenizer_or_seq_len(cache_dir: Path) -> None:
-    from potstill.data import BlockDataset
+    from potstill.distill.data import BlockDataset
 
     tok = build_tiny_tokenizer()
     fp = json.loads((cache_dir / "manifest.json").read_text())["data_fingerprint"]
@@ -261,9 +258,9 @@ def test_full_vocab_cache_equals_online_forward_kl(tmp_path: Path) -> None:
     # k = V with lossless values: the sparse KD is the full forward KL, so the first steps of a
     # cached run log the online run's losses (the teacher pass is batched differently: fp32 noise).
     tok = build_tiny_tokenizer()
-    from potstill.train.student import padded_vocab
+    from potstill.core.tiny import padded_vocab_size
 
-    vocab = padded_vocab(tok)
+    vocab = padded_vocab_size(len(tok))
     out = tmp_path / "full"
     write_cache(_job(out, k=vocab, scheme="f32", shard_blocks=200), log=_quiet)
     common = {"train.steps": 3, "loss.ce_weight": 0.25}

@@ -194,7 +194,7 @@ def test_console_script_end_to_end(tmp_path: Path) -> None:
 
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
     """A real crash: SIGKILL right after the step-6 checkpoint, then `--resume` finishes the run
-    bit-identically. The kill is a fault point (``potstill.faults``) inside the child, so it lands
+    bit-identically. The kill is a fault point (``potstill.core.faults``) inside the child, so it lands
     at that moment every time: no polling, no race with the run finishing."""
     import signal
 
@@ -234,7 +234,7 @@ def test_missing_extra_names_the_extra(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Without pyarrow (the [cache] extra), a parquet export is exit 2 with the install line."""
-    from potstill.harvest import store as st
+    from potstill.core import store as st
 
     db = tmp_path / "h.sqlite"
     st.connect(db).close()

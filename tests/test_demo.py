@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from potstill.cli import main
-from potstill.config import DistillConfig, load_config
 from potstill.demo import DEFAULTS, demo_configs
+from potstill.distill.config import DistillConfig, load_config
 
 from .conftest import REPO
 

@@ -1,4 +1,4 @@
-"""potstill.evaluate: NLL/PPL, agreement, KL, masks, vocab truncation, gap recovered."""
+"""potstill.distill.evaluate: NLL/PPL, agreement, KL, masks, vocab truncation, gap recovered."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from potstill.errors import PotstillError
-from potstill.evaluate import compare, evaluate_lm, gap_recovered, to_markdown
+from potstill.core.errors import PotstillError
+from potstill.distill.evaluate import compare, evaluate_lm, gap_recovered, to_markdown
 
 V = 48
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from potstill import hardware
+from potstill.core import hardware
 
 
 def test_auto_follows_the_cpu_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 
 from potstill.cli import main
-from potstill.errors import PotstillError
-from potstill.harvest import store as st
+from potstill.core import store as st
+from potstill.core.errors import PotstillError
+from potstill.core.prompts import default_prompts, read_prompts
 from potstill.harvest.client import GenParams, RetryPolicy, harvest, parse_retry_after
-from potstill.harvest.prompts import default_prompts, read_prompts
 
 from .fake_openai import FakeOpenAI, answer_text
 
@@ -207,7 +207,7 @@ def test_cli_export_round_trip(tmp_path: Path) -> None:
         rc = main(["harvest", "run", "--endpoint", fake.url, "--model", "m", "--store", str(db),
                    "--prompts", str(_write_prompts(tmp_path)), "--top-logprobs", "2", "--no-progress"])  # fmt: skip
     assert rc == 0
-    from potstill.harvest.export import read_examples, store_examples
+    from potstill.core.messages import read_examples, store_examples
 
     direct = list(store_examples(db))
     for name in ("x.jsonl", "x.parquet"):

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from potstill.config import DistillConfig, load_config
-from potstill.errors import PotstillError
+from potstill.core.errors import PotstillError
+from potstill.core.messages import export_store
+from potstill.core.models import load_tokenizer
+from potstill.distill.config import DistillConfig, load_config
+from potstill.distill.data.chat import TokenMapper, build_chat_data, load_chat_data
+from potstill.distill.train.data import prepare_data
+from potstill.distill.train.recipe import run_distill
 from potstill.harvest.client import GenParams, harvest
-from potstill.harvest.dataset import TokenMapper, build_chat_data, load_chat_data
-from potstill.harvest.export import export_store
-from potstill.teachers import load_tokenizer
-from potstill.train.data import prepare_data
-from potstill.train.recipe import run_distill
 
 from .conftest import REPO, tiny_overrides
 from .fake_openai import FakeOpenAI, byte_logprobs

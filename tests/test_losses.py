@@ -1,4 +1,4 @@
-"""Tests for the full-vocabulary KD losses and the CE mix (potstill.losses)."""
+"""Tests for the full-vocabulary KD losses and the CE mix (potstill.distill.losses)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from potstill.errors import PotstillError
-from potstill.losses import (
+from potstill.core.errors import PotstillError
+from potstill.distill.losses import (
     LOSSES,
     ce_plus_kd,
     cross_entropy,

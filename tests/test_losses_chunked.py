@@ -1,4 +1,4 @@
-"""Tests for the memory-bounded chunked/fused KD paths (potstill.losses.chunked)."""
+"""Tests for the memory-bounded chunked/fused KD paths (potstill.distill.losses.chunked)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from potstill.losses import (
+from potstill.distill.losses import (
     LOSSES,
     chunked_kd_loss,
     forward_kl,

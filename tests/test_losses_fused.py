@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from potstill.losses import cross_entropy, forward_kl, sparse_topk_kl, topk_from_logits
-from potstill.losses.fused import fused_kd_objective
+from potstill.distill.losses import cross_entropy, forward_kl, sparse_topk_kl, topk_from_logits
+from potstill.distill.losses.fused import fused_kd_objective
 
 
 def _case(seed: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:

@@ -1,4 +1,4 @@
-"""Tests for the sparse top-k KD loss (potstill.losses.sparse)."""
+"""Tests for the sparse top-k KD loss (potstill.distill.losses.sparse)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from potstill.losses import TAIL_FLOOR, forward_kl, sparse_topk_kl, topk_from_logits
+from potstill.distill.losses import TAIL_FLOOR, forward_kl, sparse_topk_kl, topk_from_logits
 
 
 def np_log_softmax(x: np.ndarray) -> np.ndarray:

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from potstill.core.errors import PotstillError
+from potstill.core.prompts import default_prompts
 from potstill.defend.embed import HashedNgramEmbedder, load_embedder, minilm_dir
 from potstill.defend.mmd import (
     median_bandwidth,
@@ -26,8 +28,6 @@ from potstill.defend.monitor import (
     window_stats,
 )
 from potstill.defend.traffic import simulate_window, traffic_stream
-from potstill.errors import PotstillError
-from potstill.harvest.prompts import default_prompts
 
 W = 20
 

@@ -21,13 +21,13 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("torch")
 
+from potstill.core.models import load_model  # noqa: E402
 from potstill.defend.background import BackgroundObserver  # noqa: E402
 from potstill.defend.embed import load_embedder  # noqa: E402
 from potstill.defend.monitor import ExtractionMonitor, simulated_calibration  # noqa: E402
 from potstill.serve.app import ServeSettings, create_app  # noqa: E402
 from potstill.serve.background import serve_in_background  # noqa: E402
 from potstill.serve.engine import Engine  # noqa: E402
-from potstill.teachers import load_model  # noqa: E402
 
 MODEL = "tiny:0"
 SLOW_S = 0.4

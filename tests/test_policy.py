@@ -12,6 +12,9 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("torch")
 
+from potstill.core.errors import PotstillError  # noqa: E402
+from potstill.core.models import load_model  # noqa: E402
+from potstill.core.prompts import default_prompts  # noqa: E402
 from potstill.defend.embed import load_embedder  # noqa: E402
 from potstill.defend.monitor import ExtractionMonitor, simulated_calibration  # noqa: E402
 from potstill.defend.policy import (  # noqa: E402
@@ -20,13 +23,10 @@ from potstill.defend.policy import (  # noqa: E402
     make_admission,
     parse_key_policy,
 )
-from potstill.errors import PotstillError  # noqa: E402
-from potstill.harvest.prompts import default_prompts  # noqa: E402
 from potstill.serve.app import ServeSettings, create_app  # noqa: E402
 from potstill.serve.auth import key_id  # noqa: E402
 from potstill.serve.background import serve_in_background  # noqa: E402
 from potstill.serve.engine import Engine  # noqa: E402
-from potstill.teachers import load_model  # noqa: E402
 
 MODEL = "tiny:0"
 KEY, STRICT, HARVEST, ADMIN = "sk-a", "sk-strict", "sk-harvest", "sk-admin"

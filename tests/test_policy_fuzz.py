@@ -17,12 +17,12 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("torch")
 
+from potstill.core.models import load_model  # noqa: E402
 from potstill.defend.policy import APIPolicy, KeyPolicy, make_admission  # noqa: E402
 from potstill.serve.app import ServeSettings, create_app  # noqa: E402
 from potstill.serve.auth import key_id  # noqa: E402
 from potstill.serve.background import serve_in_background  # noqa: E402
 from potstill.serve.engine import Engine  # noqa: E402
-from potstill.teachers import load_model  # noqa: E402
 
 MODEL = "tiny:0"
 LOOSE, STRICT = "sk-loose", "sk-strict"

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from scipy import stats
 
 from potstill.cli import main
-from potstill.errors import PotstillError
-from potstill.forensics.provenance import (
+from potstill.core.errors import PotstillError
+from potstill.core.prompts import default_prompts
+from potstill.detect.provenance import (
     Candidate,
     Endpoint,
     ModelScores,
@@ -28,8 +29,7 @@ from potstill.forensics.provenance import (
     per_prompt_statistic,
     provenance_test,
 )
-from potstill.forensics.stats import holm_adjusted
-from potstill.harvest.prompts import default_prompts
+from potstill.detect.stats import holm_adjusted
 
 from .test_cli import _tokenizer_mismatch_dir
 
@@ -51,7 +51,7 @@ def tiny(seed: int) -> Candidate:
     greedily repeats the last token: all would "agree" with any teacher. Scaled layers give
     each seed its own continuations.
     """
-    from potstill.teachers import load_model
+    from potstill.core.models import load_model
 
     model, tok = load_model(f"tiny:{seed}")
     with torch.no_grad():
@@ -214,12 +214,12 @@ def test_model_ll_reads_an_endpoints_echoed_logprobs_or_says_they_are_missing(
 ) -> None:
     """Through ``potstill serve``: echoed prompt logprobs give the local value; a defended
     server refuses echo with logprobs, and the error names the statistic that needs them."""
+    from potstill.core.watermark.keys import WatermarkKey
+    from potstill.core.watermark.params import WatermarkParams
     from potstill.serve.app import ServeSettings, create_app
     from potstill.serve.background import serve_in_background
     from potstill.serve.engine import Engine
     from potstill.serve.watermarking import watermark_processors
-    from potstill.watermark.keys import WatermarkKey
-    from potstill.watermark.params import WatermarkParams
 
     model, tok = teacher.model, teacher.tokenizer
     prompts = ["hello there", "The cat", "Once upon"]
@@ -298,7 +298,7 @@ def test_weaker_controls_are_warned_about(
     teacher: Candidate, independents: list[Candidate]
 ) -> None:
     """A control much worse on the prompts than the suspect: the result says so."""
-    from potstill.teachers import load_model
+    from potstill.core.models import load_model
 
     model, tok = load_model("tiny:9")
     with torch.no_grad():  # confidently wrong: repeats each input token with ~all its mass
@@ -321,7 +321,7 @@ def test_bad_input_is_refused(
     assert min_prompts(20, 0.01) == 12 and min_prompts(1, 0.05) == 10
     with pytest.raises(PotstillError, match="at least 10"):
         provenance_test(independents[0], teacher, independents[1:3], PROMPTS[:5])
-    from potstill.teachers import load_model
+    from potstill.core.models import load_model
 
     model, tok = load_model(str(_tokenizer_mismatch_dir(tmp_path)))
     other = Candidate("other-tokenizer", model, tok)

@@ -14,8 +14,15 @@ import torch
 from scipy import stats
 
 from potstill.cli import main
-from potstill.errors import PotstillError
-from potstill.forensics import (
+from potstill.core.errors import PotstillError
+from potstill.core.watermark import (
+    GumbelProcessor,
+    KGWProcessor,
+    WatermarkKey,
+    WatermarkParams,
+    generate_ids,
+)
+from potstill.detect import (
     collect_generations,
     collect_open_tuples,
     holm_adjusted,
@@ -23,13 +30,6 @@ from potstill.forensics import (
     radioactivity_closed,
     radioactivity_open,
     score_corpus,
-)
-from potstill.watermark import (
-    GumbelProcessor,
-    KGWProcessor,
-    WatermarkKey,
-    WatermarkParams,
-    generate_ids,
 )
 
 from .test_cli import _tokenizer_mismatch_dir
@@ -58,7 +58,7 @@ def _one_thread() -> Any:
 
 @pytest.fixture(scope="module")
 def teacher() -> tuple[Any, Any]:
-    from potstill.teachers import load_model
+    from potstill.core.models import load_model
 
     return load_model("tiny:0")
 
@@ -98,7 +98,7 @@ def test_holm_hand_example_and_properties() -> None:
 
 
 def _finetune(data: torch.Tensor, steps: int = 40) -> Any:
-    from potstill.teachers import load_model
+    from potstill.core.models import load_model
 
     student, _ = load_model("tiny:1")
     student.train()
@@ -149,7 +149,7 @@ def _calibrated(pvals: list[float], alpha: float = 0.01) -> tuple[float, int]:
 
 @pytest.mark.parametrize("scheme", ["kgw", "gumbel"])
 def test_open_mode_null_calibration(scheme: str) -> None:
-    from potstill.teachers import load_model
+    from potstill.core.models import load_model
 
     suspect, tok = load_model("tiny:1")
     params = WatermarkParams(scheme, gamma=0.25, context_width=2)  # type: ignore[arg-type]

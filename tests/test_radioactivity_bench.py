@@ -8,7 +8,7 @@ from types import ModuleType
 import pytest
 from scipy import stats
 
-from potstill.watermark import KGWProcessor, WatermarkParams, detect_text
+from potstill.core.watermark import KGWProcessor, WatermarkParams, detect_text
 
 from .conftest import load_benchmark
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def test_batched_generator_watermarks_only_marked_rows(bench: ModuleType) -> None:
-    from potstill.teachers import load_model
+    from potstill.core.models import load_model
 
     model, tok = load_model("tiny:0")
     params = WatermarkParams("kgw", gamma=0.25, delta=4.0, context_width=2)
@@ -71,7 +71,7 @@ def test_null_pvalues_of_random_tuples_are_uniform(bench: ModuleType) -> None:
     assert stats.kstest(pvals, "uniform").pvalue > 0.001
     # Each key's p-value is the binomial tail P(X >= green count) over the distinct tuples,
     # checked against scipy's binomial distribution, not potstill's own tail.
-    from potstill.watermark.detect import tuple_scores
+    from potstill.core.watermark.detect import tuple_scores
 
     distinct = sorted(set(tuples))
     s = int(tuple_scores(distinct, bench.null_key(0), params).sum())

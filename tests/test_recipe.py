@@ -9,10 +9,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from potstill.config import DistillConfig, load_config
-from potstill.errors import PotstillError, TrainingDiverged
-from potstill.train import recipe
-from potstill.train.recipe import HiddenLM, StepStats, make_objective, micro_loss, run_distill
+from potstill.core.errors import PotstillError, TrainingDiverged
+from potstill.distill.config import DistillConfig, load_config
+from potstill.distill.train import recipe
+from potstill.distill.train.recipe import (
+    HiddenLM,
+    StepStats,
+    make_objective,
+    micro_loss,
+    run_distill,
+)
 
 from .conftest import REPO, tiny_overrides
 
@@ -81,9 +87,9 @@ def test_resume_refuses_a_changed_config(tmp_path: Path) -> None:
 
 def _grads(cfg: DistillConfig, split: int) -> dict[str, torch.Tensor]:
     """Gradient of one optimizer step computed from `split` micro-batches, as the loop does it."""
-    from potstill.teachers import load_tokenizer
-    from potstill.train.data import prepare_data
-    from potstill.train.recipe import load_student, load_teacher
+    from potstill.core.models import load_tokenizer
+    from potstill.distill.train.data import prepare_data
+    from potstill.distill.train.recipe import load_student, load_teacher
 
     cfg = cfg.model_copy(deep=True)
     cfg.train.micro_batch_size = 8 // split
@@ -124,9 +130,9 @@ def test_ce_loss_runs_the_head_only_on_counted_positions_and_equals_full_ce(
     vocabularies); the loss and its gradient equal torch's CE over the full logits."""
     import torch.nn.functional as F
 
-    from potstill.teachers import load_tokenizer
-    from potstill.train.data import prepare_data
-    from potstill.train.recipe import load_student
+    from potstill.core.models import load_tokenizer
+    from potstill.distill.train.data import prepare_data
+    from potstill.distill.train.recipe import load_student
 
     cfg = tiny_cfg(tmp_path / "h", **{"data.packing": False, "loss.ce_weight": 1.0})
     tok = load_tokenizer(cfg.teacher.spec)
@@ -169,7 +175,7 @@ def test_ce_only_baseline_loads_no_teacher(tmp_path: Path, monkeypatch: pytest.M
     def boom(*a: object, **k: object) -> None:
         raise AssertionError("teacher loaded for a CE-only run")
 
-    monkeypatch.setattr("potstill.teachers.HFTeacher.from_spec", boom)
+    monkeypatch.setattr("potstill.distill.teachers.HFTeacher.from_spec", boom)
     run = run_distill(tiny_cfg(tmp_path / "ce", **{"loss.ce_weight": 1.0}), show_progress=False)
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(r.get("kd") is None for r in rows if r["split"] == "train")

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from potstill.errors import PotstillError
+from potstill.core.errors import PotstillError
+from potstill.distill.train.curves import _series, _tokens_at
 from potstill.report import plot_loss_curves, read_metrics, write_report
-from potstill.report.plots import _series, _tokens_at
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -18,10 +18,10 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 torch = pytest.importorskip("torch")
 
+from potstill.core.models import load_model  # noqa: E402
 from potstill.serve.app import ServeSettings, create_app  # noqa: E402
 from potstill.serve.background import serve_in_background  # noqa: E402
 from potstill.serve.engine import Engine  # noqa: E402
-from potstill.teachers import load_model  # noqa: E402
 
 MODEL = "tiny:0"
 KEY, OTHER_KEY = "sk-test-key-1", "sk-test-key-2"

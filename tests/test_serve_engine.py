@@ -11,6 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("fastapi")
 
+from potstill.core.models import load_model  # noqa: E402
 from potstill.serve.auth import KeyRing, RateLimiter, key_id  # noqa: E402
 from potstill.serve.engine import Engine, Event, RequestGroup, SamplingParams  # noqa: E402
 from potstill.serve.protocol import APIError  # noqa: E402
@@ -20,7 +21,6 @@ from potstill.serve.sampling import (  # noqa: E402
     sample_token,
     stop_holdback,
 )
-from potstill.teachers import load_model  # noqa: E402
 
 
 def test_sample_token_greedy_top_p_and_frequencies() -> None:

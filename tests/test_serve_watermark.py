@@ -12,12 +12,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("fastapi")
 
+from potstill.core.models import load_model  # noqa: E402
+from potstill.core.watermark.detect import detect_text  # noqa: E402
+from potstill.core.watermark.keys import WatermarkKey  # noqa: E402
+from potstill.core.watermark.params import WatermarkParams  # noqa: E402
 from potstill.serve.engine import Engine, Event, SamplingParams  # noqa: E402
 from potstill.serve.watermarking import watermark_processors, write_serve_metadata  # noqa: E402
-from potstill.teachers import load_model  # noqa: E402
-from potstill.watermark.detect import detect_text  # noqa: E402
-from potstill.watermark.keys import WatermarkKey  # noqa: E402
-from potstill.watermark.params import WatermarkParams  # noqa: E402
 
 KEY = WatermarkKey(bytes(range(32)))
 

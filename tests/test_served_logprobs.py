@@ -19,15 +19,15 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
+from potstill.core.models import load_model  # noqa: E402
+from potstill.core.watermark.keys import WatermarkKey  # noqa: E402
+from potstill.core.watermark.kgw import KGWProcessor  # noqa: E402
+from potstill.core.watermark.params import WatermarkParams  # noqa: E402
 from potstill.serve import engine as engine_mod  # noqa: E402
 from potstill.serve.app import ServeSettings, create_app  # noqa: E402
 from potstill.serve.background import serve_in_background  # noqa: E402
 from potstill.serve.engine import Engine, Event, SamplingParams  # noqa: E402
 from potstill.serve.watermarking import watermark_processors  # noqa: E402
-from potstill.teachers import load_model  # noqa: E402
-from potstill.watermark.keys import WatermarkKey  # noqa: E402
-from potstill.watermark.kgw import KGWProcessor  # noqa: E402
-from potstill.watermark.params import WatermarkParams  # noqa: E402
 
 MODEL = "tiny:0"
 REAL_VOCAB = 260

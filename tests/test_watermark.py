@@ -16,8 +16,8 @@ import torch
 from scipy import stats
 
 from potstill.cli import main
-from potstill.errors import PotstillError
-from potstill.watermark import (
+from potstill.core.errors import PotstillError
+from potstill.core.watermark import (
     GumbelProcessor,
     KGWProcessor,
     WatermarkKey,
@@ -32,8 +32,8 @@ from potstill.watermark import (
     load_key,
     z_score,
 )
-from potstill.watermark.detect import text_tuples, tuple_scores
-from potstill.watermark.prf import _fmix32
+from potstill.core.watermark.detect import text_tuples, tuple_scores
+from potstill.core.watermark.prf import _fmix32
 
 KEY = WatermarkKey(bytes(range(32)))
 PRINTABLE = list(range(32, 127))  # printable ASCII = tiny-tokenizer ids: text round-trips
@@ -65,7 +65,7 @@ def _one_thread() -> object:
 
 @pytest.fixture(scope="module")
 def tiny() -> tuple[torch.nn.Module, object]:
-    from potstill.teachers import load_model
+    from potstill.core.models import load_model
 
     return load_model("tiny:0")
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from potstill.config import DistillConfig
+from potstill.distill.config import DistillConfig
 
 # The embedded defaults of `make demo`. configs/demo.yaml is the same distilled
 # run as a file (a test keeps them equal).
@@ -99,10 +99,10 @@ def demo_configs(s: dict[str, Any], out: Path) -> tuple[DistillConfig, DistillCo
 def run_demo(settings: DemoSettings) -> dict[str, Any]:
     from rich.console import Console
 
-    from potstill.evaluate import to_markdown
+    from potstill.core.models import load_model
+    from potstill.distill.evaluate import to_markdown
+    from potstill.distill.train.recipe import run_distill
     from potstill.report import plot_loss_curves, write_report
-    from potstill.teachers import load_model
-    from potstill.train.recipe import run_distill
 
     console = Console()
     s = settings.resolve()
@@ -257,9 +257,9 @@ def _evaluate_students(
     s: dict[str, Any], out: Path, teacher_model: Any, tokenizer: Any
 ) -> dict[str, Any]:
     """Teacher, distilled student and baseline on the same held-out blocks."""
-    from potstill.evaluate import compare
-    from potstill.evaluate.cli import heldout_blocks
-    from potstill.teachers import load_model
+    from potstill.core.models import load_model
+    from potstill.distill.evaluate import compare
+    from potstill.distill.evaluate.cli import heldout_blocks
 
     student, _ = load_model(str(out / "distilled" / "student"))
     baseline, _ = load_model(str(out / "baseline" / "student"))

@@ -146,11 +146,11 @@ def _serve_and_harvest(
 
 def _distill_from_harvest(out: Path, student_init: Path, tok: Any, s: dict[str, Any]) -> Any:
     """SFT (+ top-k KD where the API's logprobs map onto our tokenizer) from the harvest."""
-    from potstill.config import DistillConfig
-    from potstill.harvest.dataset import load_chat_data
-    from potstill.train.recipe import run_distill
+    from potstill.distill.config import DistillConfig
+    from potstill.distill.data.chat import load_chat_data
+    from potstill.distill.train.recipe import run_distill
 
-    quiet = logging.getLogger("potstill.harvest.dataset")
+    quiet = logging.getLogger("potstill.distill.data.chat")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # training below reports the same data summary once
     probe = load_chat_data(
@@ -184,8 +184,8 @@ def _distill_from_harvest(out: Path, student_init: Path, tok: Any, s: dict[str, 
 
 def _control_answers(source: str, n: int, words: int) -> list[str]:
     """``n`` passages of ``words`` words of non-teacher text (the control's answers)."""
-    from potstill.data.corpus import load_texts
-    from potstill.errors import PotstillError
+    from potstill.core.errors import PotstillError
+    from potstill.distill.data.corpus import load_texts
 
     flat = " ".join(load_texts(source)).split()
     if len(flat) < n * words:
@@ -200,9 +200,9 @@ def _train_control(out: Path, student_init: Path, prompts: list[str], s: dict[st
     """The control: same start, prompts, steps and optimiser; answers not from the teacher."""
     import json
 
-    from potstill.config import DistillConfig
-    from potstill.io import atomic_write_text
-    from potstill.train.recipe import run_distill
+    from potstill.core.io import atomic_write_text
+    from potstill.distill.config import DistillConfig
+    from potstill.distill.train.recipe import run_distill
 
     data = out / "control_data.jsonl"
     if not data.exists():
@@ -249,11 +249,11 @@ def _audits(
     ``provenance_from: asked`` tests on those, ``fresh`` (the default, as in Nikolic et al.)
     on prompts nobody asked.
     """
-    from potstill.forensics.provenance import Candidate, compare, score_models
-    from potstill.forensics.radioactivity import radioactivity_open
-    from potstill.forensics.soft import collect_soft, score_soft
-    from potstill.harvest.export import store_examples
-    from potstill.harvest.prompts import default_prompts
+    from potstill.core.messages import store_examples
+    from potstill.core.prompts import default_prompts
+    from potstill.detect.provenance import Candidate, compare, score_models
+    from potstill.detect.radioactivity import radioactivity_open
+    from potstill.detect.soft import collect_soft, score_soft
 
     # Every watermarked answer the owner has: the thief's harvest and the held-out answers (the
     # owner does not know which the thief trained on; a width-1 green list is a per-word habit,
@@ -298,11 +298,11 @@ def run_blackbox(
     console: Any,
 ) -> BlackboxResult:
     """Serve -> harvest -> distill thief and control -> evaluate -> audit (module doc)."""
-    from potstill.harvest.dataset import load_chat_data
-    from potstill.harvest.prompts import default_prompts
-    from potstill.teachers import load_model
-    from potstill.watermark.keys import generate_key, load_key, write_key
-    from potstill.watermark.params import WatermarkParams
+    from potstill.core.models import load_model
+    from potstill.core.prompts import default_prompts
+    from potstill.core.watermark.keys import generate_key, load_key, write_key
+    from potstill.core.watermark.params import WatermarkParams
+    from potstill.distill.data.chat import load_chat_data
 
     s = settings
     timings: dict[str, float] = {}

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from potstill.errors import PotstillError
+from potstill.core.errors import PotstillError
 
 if TYPE_CHECKING:
     import torch
@@ -80,7 +80,7 @@ def fit_antidistill_grad(
 
     ``batches`` yields ``(input_ids [B, T] long, labels [B, T] long)``; labels are aligned
     with logits (``labels[:, t]`` is the target of position ``t``, as
-    :func:`potstill.data.make_labels` builds them), ``-100`` = not scored. No attention mask
+    :func:`potstill.distill.data.make_labels` builds them), ``-100`` = not scored. No attention mask
     is used, so padding must be on the right (causal attention never sees it).
 
     Per batch the *summed* CE is differentiated and added up; the total is divided by the
@@ -160,7 +160,7 @@ def save_antidistill(out_dir: str | Path, grads: dict[str, Tensor], meta: dict[s
     import torch
     from safetensors.torch import save
 
-    from potstill.io import atomic_write_bytes, atomic_write_json
+    from potstill.core.io import atomic_write_bytes, atomic_write_json
 
     missing = [k for k in _REQUIRED_META if k not in meta]
     if missing:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from potstill.errors import PotstillError
+from potstill.core.errors import PotstillError
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -228,7 +228,7 @@ def antidistill_processors(
         proc = AntidistillProcessor(None, 0.0)
     else:
         if proxy is None:
-            from potstill.teachers import load_model
+            from potstill.core.models import load_model
 
             proxy, _ = load_model(fit.proxy_spec)
         pert = AntidistillPerturbation(proxy, fit.grads, eps, device=device)
@@ -351,9 +351,9 @@ def antidistill_serving(
     against the served model's ``tokenizer``, and that the proxy's logits cover
     ``vocab_size`` (the served model's real vocab). PotstillError on any mismatch.
     """
+    from potstill.core.models import load_model
+    from potstill.core.tokenizers import check_tokenizers_agree, tokenizer_fingerprint
     from potstill.defend.antidistill import check_grads, load_antidistill
-    from potstill.teachers import load_model
-    from potstill.teachers.base import check_tokenizers_agree, tokenizer_fingerprint
 
     fit = load_antidistill(spec.proxy_dir)
     lam, eps = spec.resolve(fit.meta)
@@ -367,7 +367,7 @@ def antidistill_serving(
             )
         check_grads(proxy, fit.grads, where=f"--antidistill {spec.proxy_dir}")
     elif tokenizer_fingerprint(tokenizer) != fit.tokenizer_fingerprint:  # no proxy to load
-        from potstill.teachers import load_tokenizer
+        from potstill.core.models import load_tokenizer
 
         proxy_tok = load_tokenizer(fit.proxy_spec)
     else:

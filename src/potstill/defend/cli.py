@@ -169,7 +169,7 @@ def serve_hooks(args: argparse.Namespace, api_keys: tuple[str, ...]) -> dict[str
 
 
 def _read_prompt_texts(path: str | None) -> dict[str, str]:
-    from potstill.errors import PotstillError
+    from potstill.core.errors import PotstillError
 
     if not path:
         return {}
@@ -192,9 +192,9 @@ def _read_prompt_texts(path: str | None) -> dict[str, str]:
 def _scan(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
+    from potstill.core.errors import PotstillError
     from potstill.defend.embed import load_embedder
     from potstill.defend.monitor import ExtractionMonitor
-    from potstill.errors import PotstillError
 
     if not args.audit_log or not Path(args.audit_log).is_file():
         raise PotstillError(
@@ -221,7 +221,7 @@ def _scan(args: argparse.Namespace) -> int:
         if k["flagged"]:
             print(f"FLAGGED key {k['key_id']}: {', '.join(k['flagged_by'])}", file=sys.stderr)
     if args.out:
-        from potstill.io import atomic_write_json
+        from potstill.core.io import atomic_write_json
 
         atomic_write_json(args.out, report)
     print(json.dumps(report, indent=2, default=lambda o: asdict(o)))
@@ -231,15 +231,15 @@ def _scan(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     import random
 
+    from potstill.core.errors import PotstillError
     from potstill.defend.embed import load_embedder
     from potstill.defend.monitor import calibrate, simulated_calibration
-    from potstill.errors import PotstillError
 
     if args.window < 2 or args.n_windows < 1:
         raise PotstillError("--window must be >= 2 and --n-windows >= 1")
     embedder = load_embedder(args.embedder)
     if args.benign_prompts:
-        from potstill.harvest.prompts import read_prompts
+        from potstill.core.prompts import read_prompts
 
         prompts = [
             "\n".join(m["content"] for m in msgs) for msgs in read_prompts(args.benign_prompts)

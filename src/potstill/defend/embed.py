@@ -21,7 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
-from potstill.errors import PotstillError
+from potstill.core.errors import PotstillError
 
 __all__ = [
     "DIM",

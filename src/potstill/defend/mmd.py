@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from potstill.errors import PotstillError
+from potstill.core.errors import PotstillError
 
 __all__ = [
     "MMDResult",

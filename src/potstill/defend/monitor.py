@@ -43,9 +43,9 @@ from typing import Any
 
 import numpy as np
 
+from potstill.core.errors import PotstillError
 from potstill.defend.embed import Embedder, load_embedder
 from potstill.defend.mmd import median_bandwidth, rbf_kernel
-from potstill.errors import PotstillError
 
 __all__ = [
     "DECISION_STATS",
@@ -136,7 +136,7 @@ class Calibration:
     version: int = CALIBRATION_VERSION
 
     def save(self, path: str | Path) -> Path:
-        from potstill.io import atomic_write_json
+        from potstill.core.io import atomic_write_json
 
         return atomic_write_json(path, asdict(self))
 

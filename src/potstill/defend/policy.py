@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING, Any
 
-from potstill.errors import PotstillError
+from potstill.core.errors import PotstillError
 from potstill.serve.protocol import (
     MAX_N,
     MAX_TOP_LOGPROBS,

@@ -6,7 +6,7 @@ independently of the harvester's prompt set. A benign key mostly speaks as one p
 (probability ``U(0.6, 1)``) and otherwise as any other persona.
 
 A harvester does what ``potstill harvest`` does: it walks
-:func:`potstill.harvest.prompts.default_prompts` in order, from some offset, systematically
+:func:`potstill.core.prompts.default_prompts` in order, from some offset, systematically
 covering the task × domain prompt space.
 
 :func:`simulate_window` mixes both into one key's window of ``size`` requests with a given

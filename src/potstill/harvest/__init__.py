@@ -1,11 +1,11 @@
-"""Black-box distillation data: harvest an OpenAI-compatible endpoint, store, export, train.
+"""Harvesting: the asyncio client for any OpenAI-compatible endpoint (bounded concurrency,
+retries, exactly once) and the ``harvest`` verb.
 
-* :mod:`.prompts` -- potstill's default prompt set and prompt-file reading;
-* :mod:`.store` -- the crash-safe SQLite (WAL) record store;
-* :mod:`.client` -- the asyncio harvester (bounded concurrency, retries, exactly once);
-* :mod:`.export` -- store -> ``messages`` JSONL/Parquet;
-* :mod:`.dataset` -- harvested conversations -> training blocks, assistant-only labels and
-  top-k logprob targets for :func:`potstill.train.data.prepare_data`.
+What it writes is shared with the rest of potstill and lives in the core:
+:mod:`potstill.core.store` (the crash-safe SQLite (WAL) record store),
+:mod:`potstill.core.messages` (store -> ``messages`` JSONL/Parquet) and
+:mod:`potstill.core.prompts` (the default prompt set, prompt files). Training on a harvest
+is :mod:`potstill.distill.data.chat`.
 
 Nothing heavy is imported here: import the submodule you need.
 """

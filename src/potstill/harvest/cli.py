@@ -70,17 +70,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def cmd_harvest(args: argparse.Namespace) -> int:
-    from potstill.errors import PotstillError
+    from potstill.core.errors import PotstillError
 
     if args.harvest_verb == "export":
-        from potstill.harvest.export import export_store
+        from potstill.core.messages import export_store
 
         n = export_store(args.store, args.out)
         print(f"wrote {n} examples to {args.out}")
         return 0
     if args.harvest_verb == "prompts":
-        from potstill.harvest.prompts import default_prompts
-        from potstill.io import atomic_write_text
+        from potstill.core.io import atomic_write_text
+        from potstill.core.prompts import default_prompts
 
         prompts = default_prompts(args.n, args.seed)
         if args.out.endswith((".jsonl", ".json")):
@@ -97,8 +97,8 @@ def cmd_harvest(args: argparse.Namespace) -> int:
         raise PotstillError(
             f"potstill harvest needs {', '.join(missing)}; see potstill harvest --help"
         )
+    from potstill.core.prompts import read_prompts
     from potstill.harvest.client import GenParams, RetryPolicy, harvest
-    from potstill.harvest.prompts import read_prompts
 
     params = GenParams(
         mode=args.mode, max_tokens=args.max_tokens, temperature=args.temperature,

@@ -1,7 +1,7 @@
 """The asyncio harvester: prompts -> an OpenAI-compatible endpoint -> the SQLite store.
 
 ``harvest(prompts, store, endpoint=..., model=...)`` sends every (prompt, sample) whose key
-(:func:`potstill.harvest.store.record_key`) is not yet in the store, with at most
+(:func:`potstill.core.store.record_key`) is not yet in the store, with at most
 ``concurrency`` requests in flight (``concurrency`` worker tasks, each with its own keep-alive
 connection, :mod:`potstill.harvest.http`).
 
@@ -17,7 +17,7 @@ transaction holds whatever finished since the last commit); a record counts as d
 once committed. SIGKILL at any moment loses at most uncommitted answers, which the next run
 requests again. A prompt listed twice is one key and is requested once.
 
-Fail fast: the run holds the store's lock (:func:`~potstill.harvest.store.lock_store`), so a
+Fail fast: the run holds the store's lock (:func:`~potstill.core.store.lock_store`), so a
 second harvester on the same store is refused before it sends anything. If a commit fails
 (disk full, a locked or corrupt file) the workers are cancelled at once, not at the end of
 the run: every request after that would be paid for and then lost. What was committed stays.
@@ -37,9 +37,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from potstill.errors import PotstillError
-from potstill.faults import fault_point
-from potstill.harvest import store as st
+from potstill.core import store as st
+from potstill.core.errors import PotstillError
+from potstill.core.faults import fault_point
 from potstill.harvest.http import Connection, ConnectionLost, Endpoint, Response
 
 Messages = list[dict[str, str]]

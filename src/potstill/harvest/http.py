@@ -18,7 +18,7 @@ import ssl
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from potstill.errors import PotstillError
+from potstill.core.errors import PotstillError
 
 _timeout = getattr(asyncio, "timeout", None)
 

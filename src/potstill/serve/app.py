@@ -29,7 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from potstill import __version__
+from potstill.core import __version__
 from potstill.serve.audit import AUDIT_FIELDS, AuditLog, prompt_sha256
 from potstill.serve.auth import KeyRing, RateLimiter
 from potstill.serve.engine import Engine, Event, RequestGroup, SamplingParams, TokenLogprob

@@ -214,16 +214,16 @@ class Engine:
     def from_spec(
         cls, spec: str, *, max_batch: int = 8, device: str = "cpu", dtype: str = "float32"
     ) -> Engine:
-        """Load ``spec`` (any :func:`~potstill.teachers.load_model` form) onto ``device``.
+        """Load ``spec`` (any :func:`~potstill.core.models.load_model` form) onto ``device``.
 
         ``dtype``: ``"float32"``, ``"bfloat16"`` or ``"auto"`` (bf16 where the hardware runs it
-        natively, :mod:`potstill.hardware`) weights (bf16 halves the bytes each
+        natively, :mod:`potstill.core.hardware`) weights (bf16 halves the bytes each
         memory-bound decode step reads; logprobs are then bf16-rounded).
         """
         import torch
 
-        from potstill.hardware import resolve_dtype
-        from potstill.teachers import load_model
+        from potstill.core.hardware import resolve_dtype
+        from potstill.core.models import load_model
 
         bf16 = resolve_dtype(dtype, device) == "bfloat16"
         model, tok = load_model(spec, dtype=torch.bfloat16 if bf16 else None)

@@ -20,6 +20,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from potstill.core.tokenizers import gpt2_byte_table
+
 if TYPE_CHECKING:
     import torch
     from torch import Tensor
@@ -231,19 +233,6 @@ def stop_holdback(text: str, stops: Sequence[str]) -> int:
 _HEX_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
-def _gpt2_byte_decoder() -> dict[str, int]:
-    """Inverse of the GPT-2 byte -> printable-char map used by ByteLevel tokenizers."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
-    keep += list(range(ord("®"), ord("ÿ") + 1))
-    enc = {b: chr(b) for b in keep}
-    extra = 0
-    for b in range(256):
-        if b not in enc:
-            enc[b] = chr(256 + extra)
-            extra += 1
-    return {c: b for b, c in enc.items()}
-
-
 class TokenText:
     """Bytes and OpenAI-style display strings of single tokens (cached per id).
 
@@ -257,7 +246,7 @@ class TokenText:
         backend = getattr(tokenizer, "backend_tokenizer", None)
         decoder = getattr(backend, "decoder", None) if backend is not None else None
         self._byte_level = type(decoder).__name__ == "ByteLevel"
-        self._byte_decoder = _gpt2_byte_decoder()
+        self._byte_decoder = {c: b for b, c in gpt2_byte_table().items()}
         self._special = set(getattr(tokenizer, "all_special_ids", []) or [])
         self._cache: dict[int, tuple[bytes, str]] = {}
 

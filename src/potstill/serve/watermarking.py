@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from torch import Tensor
 
+    from potstill.core.watermark.keys import WatermarkKey
+    from potstill.core.watermark.params import WatermarkParams
     from potstill.serve.sampling import DecodeRows, LogitsProcessor
-    from potstill.watermark.keys import WatermarkKey
-    from potstill.watermark.params import WatermarkParams
 
 __all__ = ["ServedGumbel", "ServedKGW", "watermark_processors", "write_serve_metadata"]
 
@@ -73,7 +73,7 @@ def watermark_processors(
     processor is built once here and shared by every request (one call per decode step)."""
     proc: LogitsProcessor
     if params.scheme == "kgw":
-        from potstill.watermark.kgw import KGWProcessor
+        from potstill.core.watermark.kgw import KGWProcessor
 
         proc = ServedKGW(
             KGWProcessor(
@@ -81,7 +81,7 @@ def watermark_processors(
             )
         )
     else:
-        from potstill.watermark.gumbel import GumbelProcessor
+        from potstill.core.watermark.gumbel import GumbelProcessor
 
         proc = ServedGumbel(GumbelProcessor(key, context_width=params.context_width))
     gumbel = params.scheme != "kgw"
@@ -105,7 +105,7 @@ def write_serve_metadata(
     extra: dict[str, Any] | None = None,
 ) -> Path:
     """Record how this server transforms outputs (atomically); the key itself never."""
-    from potstill.io import atomic_write_json
+    from potstill.core.io import atomic_write_json
 
     meta: dict[str, Any] = {
         "model": model,

@@ -1,0 +1,181 @@
+"""``potstill serve``: an OpenAI-compatible HTTP server for any model spec.
+
+Module-level imports are argparse-only: the CLI imports this to register the verb.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["cmd_serve", "register"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``serve`` verb to ``subparsers``."""
+    s = subparsers.add_parser(
+        "serve",
+        help="serve a model over the OpenAI HTTP API (completions, chat, logprobs)",
+        description=(
+            "OpenAI-compatible server: GET /v1/models, POST /v1/completions, "
+            "POST /v1/chat/completions, /health, /docs. Concurrent requests are batched."
+        ),
+    )
+    s.add_argument(
+        "--model", required=True, help="model spec (tiny:0, smollm2-135m-instruct, DIR, FILE.gguf)"
+    )
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 = any free)")
+    s.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        help="accepted API key (repeatable; also env POTSTILL_API_KEYS=k1,k2); none = no auth",
+    )
+    s.add_argument("--max-batch", type=int, default=8, help="most sequences decoded together")
+    s.add_argument(
+        "--rpm", type=int, default=None, help="requests per minute per key (default off)"
+    )
+    s.add_argument("--tpm", type=int, default=None, help="tokens per minute per key (default off)")
+    s.add_argument(
+        "--audit-log", default=None, help="append one JSON line per request to this file"
+    )
+    s.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)"
+    )
+    s.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="float32",
+        help="weight dtype (bfloat16: faster decoding where the hardware runs bf16 natively, "
+        "bf16-rounded logprobs; auto: bfloat16 only there)",
+    )
+    w = s.add_argument_group("watermark (keyed, on every sampled completion)")
+    w.add_argument(
+        "--watermark", choices=("kgw", "gumbel"), default=None, help="scheme; default none"
+    )
+    w.add_argument(
+        "--watermark-key-file",
+        default=None,
+        help="secret key file (else env POTSTILL_WATERMARK_KEY); make one with `potstill audit keygen`",
+    )
+    w.add_argument("--gamma", type=float, default=0.25, help="KGW green fraction of the vocabulary")
+    w.add_argument("--delta", type=float, default=2.0, help="KGW logit bias on green tokens")
+    w.add_argument(
+        "--context-width", type=int, default=2, help="previous tokens seeding the keyed hash"
+    )
+    s.add_argument(
+        "--antidistill",
+        default=None,
+        metavar="proxy=DIR,lambda=L,eps=E",
+        help="antidistillation sampling: DIR from `potstill defend fit-antidistill`; adds "
+        "lambda * delta to the logits before temperature (bias lambda*delta/T); 0 = off",
+    )
+    s.add_argument(
+        "--logprobs-source",
+        choices=("served", "raw"),
+        default="served",
+        help="served (default): logprobs of the distribution the tokens were drawn from, after "
+        "the watermark / antidistillation; raw: the undefended model's, which leaks exactly "
+        "what the defences hide (vLLM's --logprobs-mode processed vs raw)",
+    )
+    s.add_argument(
+        "--max-logprob-entries",
+        type=int,
+        default=2**19,
+        help="per-request cap on choices x positions x (top-k + 1) logprob entries (400 above)",
+    )
+    s.add_argument(
+        "--metadata",
+        default=None,
+        help="write the serving settings (watermark scheme, params, key id) here; "
+        "default: AUDIT_LOG.meta.json when --audit-log is set",
+    )
+    from potstill.defend.cli import add_serve_args  # defense flags (argparse-level import)
+
+    add_serve_args(s)
+    s.set_defaults(func=cmd_serve)
+
+
+def _keys(args: argparse.Namespace) -> tuple[str, ...]:
+    import os
+
+    env = os.environ.get("POTSTILL_API_KEYS", "")
+    keys = [*args.api_key, *(k.strip() for k in env.split(","))]
+    return tuple(dict.fromkeys(k for k in keys if k))
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from potstill.core.errors import PotstillError
+
+    for name in ("max_batch", "rpm", "tpm"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            flag = "--" + name.replace("_", "-")
+            raise PotstillError(f"{flag} must be >= 1, got {value}: pass a positive number")
+    if not 0 <= args.port <= 65535:
+        raise PotstillError(f"--port must be in 0..65535, got {args.port}")
+    if args.max_logprob_entries < 1:
+        raise PotstillError(f"--max-logprob-entries must be >= 1, got {args.max_logprob_entries}")
+    if args.watermark_key_file and not args.watermark:
+        raise PotstillError("--watermark-key-file needs --watermark kgw|gumbel")
+    antidistill = None
+    if args.antidistill:  # validate before the (slow) model load
+        from potstill.defend.antidistill_serve import parse_antidistill_arg
+
+        antidistill = parse_antidistill_arg(args.antidistill)
+    import torch
+    import uvicorn
+
+    from potstill.serve.app import ServeSettings, create_app
+    from potstill.serve.engine import Engine
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    key = params = processors = None
+    if args.watermark:
+        from potstill.core.watermark.keys import resolve_key
+        from potstill.core.watermark.params import WatermarkParams
+        from potstill.serve.watermarking import watermark_processors
+
+        key = resolve_key(args.watermark_key_file)
+        params = WatermarkParams(
+            args.watermark, gamma=args.gamma, delta=args.delta, context_width=args.context_width
+        )
+        processors = watermark_processors(key, params)
+    # Defense: API policy, extraction monitor, prompt log (potstill.defend.cli).
+    from potstill.defend.cli import serve_hooks
+
+    api_keys = _keys(args)
+    hooks = serve_hooks(args, api_keys)
+    api_keys = tuple(dict.fromkeys([*api_keys, *hooks["monitor_admin_keys"]]))
+    engine = Engine.from_spec(args.model, max_batch=args.max_batch, device=device, dtype=args.dtype)
+    extra: dict = {"logprobs_source": args.logprobs_source}
+    if antidistill is not None:  # antidistill first, the watermark last (see antidistill_serve)
+        from potstill.defend import antidistill_serve as ads
+
+        build, extra["antidistill"] = ads.antidistill_serving(
+            antidistill, engine.tokenizer, model_name=args.model, vocab_size=engine.vocab_size,
+            device=device,
+        )  # fmt: skip
+        processors = ads.compose_processor_builders(build, processors)
+    settings = ServeSettings(
+        api_keys=api_keys,
+        rpm=args.rpm,
+        tpm=args.tpm,
+        audit_log=args.audit_log,
+        processors=processors,
+        logprobs_source=args.logprobs_source,
+        max_logprob_entries=args.max_logprob_entries,
+        **hooks,
+    )
+    meta_path = args.metadata or (f"{args.audit_log}.meta.json" if args.audit_log else None)
+    if meta_path:
+        from potstill.serve.watermarking import write_serve_metadata
+
+        write_serve_metadata(meta_path, model=args.model, key=key, params=params, extra=extra)
+    app = create_app(engine, settings)
+    auth = f"{len(settings.api_keys)} key(s)" if settings.api_keys else "no auth"
+    print(f"serving {args.model} on http://{args.host}:{args.port}/v1 ({device}, {auth})")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

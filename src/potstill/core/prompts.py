@@ -1,0 +1,612 @@
+"""potstill's default instruction prompts, and reading a prompts file.
+
+:func:`default_prompts` is a deterministic generator (pure function of ``(n, seed)``,
+standard-library ``random`` only, so the set is the same on every machine and Python
+version ``>= 3.10``). Each prompt is one *task* applied to one *subject* from one *domain*:
+
+* tasks (14): explain, list, summarize a passage, rewrite a passage in a style, compare two
+  subjects, classify (sentiment or domain), arithmetic word problem, write code, explain a code
+  snippet, translate a passage into simple English, brainstorm, short definition, creative
+  writing (poem/story/dialogue), make a plan;
+* domains (14) with 12 subjects each: science, history, cooking, sports, programming, finance,
+  health, travel, arts, nature, technology, work, language, everyday life;
+* lengths: one-liners (definitions), medium requests with an optional constraint (bullets, word
+  limit, audience, an example...), and long prompts that carry a generated 3-6 sentence passage.
+
+Tasks are taken round-robin (so every task has ``~n/14`` prompts) and everything else is drawn
+from ``random.Random(seed)``; duplicates are skipped, so the result never repeats a prompt. The
+first ``n`` prompts for a given seed are a prefix of the first ``n + m``.
+
+A prompts file (:func:`read_prompts`) is JSONL (objects with ``"prompt"`` (a string) or
+``"messages"`` (a chat list)) or plain text with one prompt per line.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+from potstill.core.errors import PotstillError
+
+Messages = list[dict[str, str]]
+
+DOMAINS: dict[str, tuple[str, ...]] = {
+    "science": (
+        "photosynthesis",
+        "black holes",
+        "plate tectonics",
+        "the immune system",
+        "DNA replication",
+        "the water cycle",
+        "quantum entanglement",
+        "vaccines",
+        "volcanoes",
+        "the periodic table",
+        "natural selection",
+        "ocean tides",
+    ),
+    "history": (
+        "the Roman Empire",
+        "the printing press",
+        "the Industrial Revolution",
+        "the Silk Road",
+        "the French Revolution",
+        "ancient Egypt",
+        "the Cold War",
+        "the Renaissance",
+        "the invention of writing",
+        "the Apollo program",
+        "the Ottoman Empire",
+        "the fall of the Berlin Wall",
+    ),
+    "cooking": (
+        "sourdough bread",
+        "risotto",
+        "knife skills",
+        "fermentation",
+        "weekly meal prep",
+        "spices in Indian cooking",
+        "baking cookies",
+        "making stock",
+        "vegetarian protein",
+        "kitchen food safety",
+        "fresh pasta",
+        "caramelization",
+    ),
+    "sports": (
+        "marathon training",
+        "the offside rule in soccer",
+        "basketball defense",
+        "freestyle swimming",
+        "tennis scoring",
+        "road cycling",
+        "the Olympic Games",
+        "cricket",
+        "strength training",
+        "rock climbing",
+        "volleyball serves",
+        "chess openings",
+    ),
+    "programming": (
+        "recursion",
+        "hash tables",
+        "Git branching",
+        "unit testing",
+        "SQL joins",
+        "REST APIs",
+        "garbage collection",
+        "Big-O notation",
+        "regular expressions",
+        "concurrency",
+        "static type systems",
+        "caching",
+    ),
+    "finance": (
+        "compound interest",
+        "index funds",
+        "personal budgeting",
+        "inflation",
+        "credit scores",
+        "mortgages",
+        "diversification",
+        "income taxes",
+        "emergency funds",
+        "stock options",
+        "government bonds",
+        "retirement accounts",
+    ),
+    "health": (
+        "sleep hygiene",
+        "hydration",
+        "stress management",
+        "a balanced diet",
+        "daily walking",
+        "good posture",
+        "vitamin D",
+        "hand washing",
+        "screen time",
+        "first aid for burns",
+        "meditation",
+        "stretching",
+    ),
+    "travel": (
+        "packing light",
+        "jet lag",
+        "budget travel in Europe",
+        "train travel in Japan",
+        "travel insurance",
+        "national parks",
+        "solo travel",
+        "learning basic phrases abroad",
+        "road trips",
+        "camping",
+        "travelling with children",
+        "visiting museums",
+    ),
+    "arts": (
+        "impressionism",
+        "the sonnet",
+        "jazz improvisation",
+        "watercolor painting",
+        "film editing",
+        "photographic composition",
+        "sculpture",
+        "street art",
+        "opera",
+        "pottery",
+        "the hero's journey",
+        "color theory",
+    ),
+    "nature": (
+        "bee colonies",
+        "coral reefs",
+        "bird migration",
+        "rainforests",
+        "composting",
+        "wolves",
+        "desert plants",
+        "mushrooms",
+        "glaciers",
+        "urban trees",
+        "octopuses",
+        "wetlands",
+    ),
+    "technology": (
+        "electric cars",
+        "solar panels",
+        "smartphones",
+        "3D printing",
+        "GPS",
+        "cloud computing",
+        "password managers",
+        "Wi-Fi",
+        "search engines",
+        "batteries",
+        "drones",
+        "open-source software",
+    ),
+    "work": (
+        "cover letters",
+        "time management",
+        "remote work",
+        "public speaking",
+        "salary negotiation",
+        "running meetings",
+        "giving feedback",
+        "job interviews",
+        "writing clear emails",
+        "starting a small business",
+        "mentoring",
+        "burnout",
+    ),
+    "language": (
+        "learning vocabulary",
+        "English idioms",
+        "the passive voice",
+        "punctuation",
+        "writing a persuasive essay",
+        "bilingual children",
+        "sign languages",
+        "the history of English",
+        "etymology",
+        "translation",
+        "speed reading",
+        "note taking",
+    ),
+    "everyday life": (
+        "decluttering a home",
+        "houseplants",
+        "saving energy at home",
+        "bike maintenance",
+        "morning routines",
+        "hosting a dinner party",
+        "adopting a dog",
+        "moving to a new city",
+        "basic home repairs",
+        "recycling",
+        "gift giving",
+        "making friends as an adult",
+    ),
+}
+
+AUDIENCES = (
+    "a ten-year-old",
+    "a high-school student",
+    "a busy professional",
+    "a complete beginner",
+    "an expert in another field",
+    "a curious grandparent",
+)
+CONSTRAINTS = (
+    "",
+    "",
+    "",
+    " Use bullet points.",
+    " Keep it under 100 words.",
+    " Include one concrete example.",
+    " End with a one-sentence summary.",
+    " Avoid jargon.",
+    " Use a friendly tone.",
+    " Answer in exactly three paragraphs.",
+)
+LIST_ASPECTS = (
+    "surprising facts about",
+    "common misconceptions about",
+    "tips for getting started with",
+    "key terms related to",
+    "mistakes beginners make with",
+    "questions people often ask about",
+    "reasons to care about",
+)
+STYLES = (
+    "more formal",
+    "more concise",
+    "friendlier",
+    "more persuasive",
+    "suitable for a children's book",
+    "more neutral",
+    "more vivid",
+)
+CREATIVE = (
+    "a haiku",
+    "a four-line poem",
+    "a limerick",
+    "a 100-word story",
+    "a short dialogue between two friends",
+    "a product description",
+    "a motivational slogan",
+)
+BRAINSTORM = (
+    "blog post titles about",
+    "podcast episode ideas about",
+    "ways to teach",
+    "fun weekend activities involving",
+    "questions for a quiz on",
+    "names for a club devoted to",
+    "small experiments related to",
+)
+PASSAGE = (
+    "{S} has been studied for a long time, yet people still disagree about its details.",
+    "Many beginners find {s} confusing at first, but a few simple ideas make it clearer.",
+    "The basic principle behind {s} is easier to grasp than most people expect.",
+    "Experts often point out that {s} affects everyday life in small, surprising ways.",
+    "In recent years, interest in {s} has grown because of new tools and cheaper resources.",
+    "One common mistake is to treat {s} as a single idea when it is really several ideas combined.",
+    "Historians of {d} describe {s} as a turning point for how people think about the field.",
+    "A good way to learn about {s} is to start with a concrete example and then generalise.",
+    "Critics argue that the benefits of {s} are sometimes exaggerated in popular accounts.",
+    "Practitioners say that patience matters more than talent when it comes to {s}.",
+    "Some of the most important work on {s} was done by people outside the mainstream of {d}.",
+    "Today, {s} is taught in schools, discussed online and debated by specialists.",
+)
+SENTIMENT = (
+    "I absolutely loved the class on {s}; the teacher made everything click.",
+    "The article about {s} was long, boring and full of errors.",
+    "The guide covers {s} in twelve chapters and includes an index.",
+    "Honestly, {s} turned out to be far more fun than I expected.",
+    "I wasted a whole weekend trying to understand {s} and got nowhere.",
+    "The museum has a new exhibit on {s} that opens on Monday.",
+)
+CODE_TASKS = (
+    ("is_palindrome", "checks whether a string is a palindrome, ignoring case and spaces"),
+    (
+        "word_counts",
+        "returns a dictionary mapping each word in a text to its number of occurrences",
+    ),
+    ("fizzbuzz", "returns the FizzBuzz sequence from 1 to n as a list of strings"),
+    ("merge_sorted", "merges two sorted lists into one sorted list in linear time"),
+    ("flatten", "flattens an arbitrarily nested list of integers"),
+    ("median", "computes the median of a list of numbers"),
+    ("rotate_matrix", "rotates a square matrix by 90 degrees clockwise"),
+    ("is_prime", "tests whether an integer is prime"),
+    ("chunk", "splits a list into chunks of a given size"),
+    ("dedupe", "removes duplicates from a list while keeping the first occurrence order"),
+    ("roman_to_int", "converts a Roman numeral to an integer"),
+    ("binary_search", "finds the index of a target in a sorted list or returns -1"),
+    ("moving_average", "computes the moving average of a sequence with a given window"),
+    ("parse_csv_line", "splits one CSV line into fields, handling quoted commas"),
+    ("anagram_groups", "groups a list of words into lists of anagrams"),
+    ("celsius_table", "prints a table of Celsius to Fahrenheit conversions"),
+)
+LANGUAGES = ("Python", "Python", "JavaScript", "Rust", "Go", "Java", "C", "TypeScript")
+SNIPPETS = (
+    "def f(xs):\n    return [x * x for x in xs if x % {a} == 0]",
+    "def g(n):\n    total = 0\n    for i in range(1, n + 1):\n        total += i ** {b}\n    return total",
+    "def h(s):\n    return ''.join(reversed(s.split('{c}')))",
+    "def k(d):\n    return sorted(d, key=d.get, reverse=True)[:{a}]",
+    "def m(xs):\n    out, seen = [], set()\n    for x in xs:\n        if x not in seen:\n            seen.add(x)\n            out.append(x)\n    return out[:{b}]",
+)
+NAMES = (
+    "Ana",
+    "Ben",
+    "Chen",
+    "Dara",
+    "Elif",
+    "Femi",
+    "Gus",
+    "Hana",
+    "Ivan",
+    "Jade",
+    "Kofi",
+    "Lena",
+    "Marco",
+    "Nina",
+    "Omar",
+    "Priya",
+)
+ITEMS = (
+    "apples",
+    "notebooks",
+    "stamps",
+    "marbles",
+    "cupcakes",
+    "tickets",
+    "seedlings",
+    "bottles of water",
+    "postcards",
+    "batteries",
+)
+
+
+def _s(rng: random.Random) -> tuple[str, str]:
+    domain = rng.choice(sorted(DOMAINS))
+    return domain, rng.choice(DOMAINS[domain])
+
+
+def _passage(rng: random.Random, domain: str, subject: str) -> str:
+    lines = rng.sample(PASSAGE, rng.randint(3, 6))
+    text = " ".join(
+        x.format(s=subject, S=subject[0].upper() + subject[1:], d=domain) for x in lines
+    )
+    return text
+
+
+def _explain(rng: random.Random) -> str:
+    _d, s = _s(rng)
+    form = rng.choice(
+        (
+            "Explain {s} to {a}.",
+            "How does {s} work, and why does it matter? Explain it for {a}.",
+            "Give {a} a clear explanation of {s}.",
+        )
+    )
+    return form.format(s=s, a=rng.choice(AUDIENCES)) + rng.choice(CONSTRAINTS)
+
+
+def _list(rng: random.Random) -> str:
+    _, s = _s(rng)
+    return f"List {rng.randint(3, 10)} {rng.choice(LIST_ASPECTS)} {s}." + rng.choice(
+        CONSTRAINTS[:4]
+    )
+
+
+def _summarize(rng: random.Random) -> str:
+    d, s = _s(rng)
+    n = rng.randint(1, 3)
+    return (
+        f"Summarize the following passage in {n} sentence{'s' * (n > 1)}:\n\n{_passage(rng, d, s)}"
+    )
+
+
+def _rewrite(rng: random.Random) -> str:
+    d, s = _s(rng)
+    return f"Rewrite this text to make it {rng.choice(STYLES)}:\n\n{_passage(rng, d, s)}"
+
+
+def _compare(rng: random.Random) -> str:
+    d = rng.choice(sorted(DOMAINS))
+    a, b = rng.sample(DOMAINS[d], 2)
+    form = rng.choice(
+        (
+            "Compare {a} and {b}.",
+            "What are the main similarities and differences between {a} and {b}?",
+            "Which is easier for a beginner to learn, {a} or {b}? Explain your reasoning.",
+        )
+    )
+    return form.format(a=a, b=b) + rng.choice(CONSTRAINTS)
+
+
+def _classify(rng: random.Random) -> str:
+    _d, s = _s(rng)
+    if rng.random() < 0.5:
+        sentence = rng.choice(SENTIMENT).format(s=s)
+        return f'Classify the sentiment of this review as positive, negative or neutral, and explain why: "{sentence}"'
+    picks = rng.sample(sorted(DOMAINS), 4)
+    items = [rng.choice(DOMAINS[p]) for p in picks]
+    rng.shuffle(items)
+    return f"Classify each of the following into one of the categories {', '.join(picks)}: {'; '.join(items)}."
+
+
+def _arithmetic(rng: random.Random) -> str:
+    a, b = rng.sample(NAMES, 2)
+    item = rng.choice(ITEMS)
+    x, y, z = rng.randint(3, 60), rng.randint(2, 12), rng.randint(1, 9)
+    forms = (
+        f"{a} buys {x} {item} at {y} dollars each and pays with a {100 * (x * y // 100 + 1)}-dollar bill. How much change does {a} get?",
+        f"{a} has {x} {item}. {b} gives {a} {y} packs of {z} {item} each. How many {item} does {a} have now?",
+        f"A train leaves at {y}:00 travelling at {x + 40} km/h. {a}'s car leaves the same station {z} hours later at {x + 70} km/h. How long until the car catches the train?",
+        f"{a} saves {x} dollars a week and spends {z} dollars of it on {item}. After {y} weeks, how much has {a} saved?",
+        f"A recipe for {y} people needs {x} grams of flour. How much flour is needed for {y + z} people? Show your steps.",
+        f"{a} and {b} share {x * y} {item} in the ratio {z}:{y}. How many does each get?",
+    )
+    return rng.choice(forms)
+
+
+def _code(rng: random.Random) -> str:
+    name, what = rng.choice(CODE_TASKS)
+    lang = rng.choice(LANGUAGES)
+    extra = rng.choice(
+        (
+            "",
+            " Include a docstring.",
+            " Add two unit tests.",
+            " Explain its time complexity.",
+            " Handle empty input.",
+        )
+    )
+    return f"Write a {lang} function `{name}` that {what}.{extra}"
+
+
+def _read_code(rng: random.Random) -> str:
+    code = rng.choice(SNIPPETS).format(
+        a=rng.randint(2, 9), b=rng.randint(2, 5), c=rng.choice(" ,;-")
+    )
+    ask = rng.choice(
+        (
+            "Explain what this code does",
+            "Find any bugs or edge cases in this code",
+            "Suggest a clearer name for this function and explain why",
+        )
+    )
+    return f"{ask}:\n\n```python\n{code}\n```"
+
+
+def _simplify(rng: random.Random) -> str:
+    d, s = _s(rng)
+    return f"Translate this into simple English that {rng.choice(AUDIENCES)} could understand:\n\n{_passage(rng, d, s)}"
+
+
+def _brainstorm(rng: random.Random) -> str:
+    _, s = _s(rng)
+    return f"Brainstorm {rng.randint(3, 12)} {rng.choice(BRAINSTORM)} {s}." + rng.choice(
+        CONSTRAINTS[:4]
+    )
+
+
+def _define(rng: random.Random) -> str:
+    _, s = _s(rng)
+    return rng.choice(
+        (
+            "What is {s}?",
+            "Define {s} in one sentence.",
+            "Why do people talk about {s}?",
+            "Is {s} overrated?",
+        )
+    ).format(s=s)
+
+
+def _creative(rng: random.Random) -> str:
+    _, s = _s(rng)
+    return f"Write {rng.choice(CREATIVE)} about {s}."
+
+
+def _plan(rng: random.Random) -> str:
+    _, s = _s(rng)
+    days = rng.choice((3, 5, 7, 14, 30))
+    who = rng.choice(AUDIENCES)
+    return f"Create a {days}-day plan to help {who} get better at or learn about {s}." + rng.choice(
+        CONSTRAINTS[:5]
+    )
+
+
+TASKS: tuple[Callable[[random.Random], str], ...] = (
+    _explain, _list, _summarize, _rewrite, _compare, _classify, _arithmetic,
+    _code, _read_code, _simplify, _brainstorm, _define, _creative, _plan,
+)  # fmt: skip
+
+
+def default_prompts(n: int = 2000, seed: int = 0) -> list[str]:
+    """``n`` distinct instruction prompts, a pure function of ``(n, seed)`` (see module docstring)."""
+    if n < 0:
+        raise PotstillError(f"the number of prompts must be >= 0, got {n}")
+    rng = random.Random(f"potstill-prompts:{seed}")
+    out: list[str] = []
+    seen: set[str] = set()
+    attempts = 0
+    while len(out) < n:
+        task = TASKS[attempts % len(TASKS)]
+        attempts += 1
+        prompt = task(rng)
+        if prompt not in seen:
+            seen.add(prompt)
+            out.append(prompt)
+        if attempts > 50 * n + 1000:  # the arithmetic task alone has millions of forms
+            raise PotstillError(f"could not make {n} distinct prompts; ask for fewer")
+    return out
+
+
+def _bad(path: Path, lineno: int, why: str) -> PotstillError:
+    return PotstillError(
+        f'{path}:{lineno}: {why}; write one JSON object per line with "prompt" (a string) or '
+        '"messages" (a list of {"role", "content"}), or use a plain-text file'
+    )
+
+
+def _messages_from_json(obj: object, path: Path, lineno: int) -> Messages:
+    if not isinstance(obj, dict):
+        raise _bad(path, lineno, f"a JSON {type(obj).__name__}, not an object")
+    if isinstance(obj.get("prompt"), str) and obj["prompt"].strip():
+        return [{"role": "user", "content": obj["prompt"]}]
+    msgs = obj.get("messages")
+    if isinstance(msgs, list) and msgs:
+        ok = all(
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+            for m in msgs
+        )
+        if ok:
+            return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    raise _bad(path, lineno, 'no non-empty "prompt" string or valid "messages" list')
+
+
+def read_prompts(source: str | Path | None) -> list[Messages]:
+    """Prompts as chat message lists.
+
+    ``None`` or ``"default"`` gives :func:`default_prompts` (each as one user message). A
+    ``.jsonl``/``.json`` file holds one object per line; any other file is plain text, one
+    prompt per non-blank line. Raises :class:`PotstillError` for a missing or empty file or a
+    malformed line (naming ``file:line``).
+    """
+    if source is None or str(source) == "default":
+        return [[{"role": "user", "content": p}] for p in default_prompts()]
+    path = Path(source).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PotstillError(
+            f"prompts file {path} not found; give an existing .jsonl/.txt file or --prompts default"
+        ) from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise PotstillError(f"cannot read prompts file {path} ({e}); check it is UTF-8 text") from e
+    out: list[Messages] = []
+    jsonl = path.suffix.lower() in (".jsonl", ".json")
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        if not jsonl:
+            out.append([{"role": "user", "content": line.strip()}])
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise _bad(path, lineno, f"not valid JSON ({e.msg})") from e
+        out.append(_messages_from_json(obj, path, lineno))
+    if not out:
+        raise PotstillError(f"prompts file {path} has no prompts; add one prompt per line")
+    return out
+
+
+__all__ = ["DOMAINS", "TASKS", "default_prompts", "read_prompts"]

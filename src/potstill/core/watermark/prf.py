@@ -1,0 +1,103 @@
+"""The keyed pseudo-random function behind both watermarks.
+
+Two stages, so that a whole vocabulary costs one HMAC plus a few vectorised integer ops:
+
+1. ``seed = HMAC-SHA256(key, domain || k context token ids)``: 32 bytes per context,
+   read as eight 32-bit words. Only this stage sees the key; ``domain`` separates the
+   schemes so one key used for KGW and Gumbel gives unrelated draws.
+2. ``h(seed, token) = mix(mix(token + w0) + w1)`` (``mix``: the ``lowbias32`` integer
+   hash, a bijection of 32-bit integers), computed with torch int64 ops over any tensor of
+   token ids. For a fixed token and a uniformly random seed, ``h`` is exactly uniform on
+   ``[0, 2^32)``; across tokens it is pseudo-random, which the null-calibration tests check.
+
+All integers stay below 2^63 inside int64 (see :func:`_fmix32`), so nothing relies on
+signed overflow and CPU and GPU give identical bits.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from potstill.core.watermark.keys import WatermarkKey
+
+__all__ = ["MASK32", "SeedCache", "hash32", "uniform53"]
+
+MASK32 = 0xFFFFFFFF
+_WORDS = struct.Struct("<8I")
+
+
+def _pack(context: tuple[int, ...]) -> bytes:
+    return struct.pack(f"<{len(context)}q", *context)
+
+
+_MAX_CACHE = 1 << 16
+
+
+def _fmix32(x: torch.Tensor) -> torch.Tensor:
+    """``lowbias32`` (C. Wellons' hash-prospector): a bijection of [0, 2^32) with low bias.
+
+    ``x * 0x7FEB352D`` stays below 2^63 for x < 2^32; ``0x846CA68B = 2^31 + 0x046CA68B``
+    and ``x * 2^31 mod 2^32 = (x & 1) << 31``, so that product never overflows either.
+    """
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x046CA68B + ((x & 1) << 31)) & MASK32
+    return x ^ (x >> 16)
+
+
+def hash32(tokens: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
+    """Keyed 32-bit hash of token ids, as int64 in [0, 2^32).
+
+    ``tokens``: int64, any shape broadcastable with the seed words ``w0``, ``w1`` (int64
+    in [0, 2^32)), e.g. ``[1, V]`` against ``[B, 1]`` or ``[N]`` against ``[N]``.
+    """
+    x = _fmix32((tokens + w0) & MASK32)
+    return _fmix32((x + w1) & MASK32)
+
+
+def uniform53(tokens: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """Keyed uniforms in the open interval (0, 1), float64 with 53 random bits.
+
+    ``words``: int64 ``[..., 4]`` seed words (two 32-bit hashes are combined); ``tokens``
+    broadcastable with ``words[..., 0]``.
+    """
+    import torch
+
+    a = hash32(tokens, words[..., 0], words[..., 1])
+    b = hash32(tokens, words[..., 2], words[..., 3])
+    bits = (a << 21) | (b >> 11)  # 53 bits, < 2^53: exact in float64
+    return (bits.to(torch.float64) + 0.5) / float(1 << 53)
+
+
+class SeedCache:
+    """Per-context HMAC seeds for one key and domain, memoised (contexts repeat a lot).
+
+    :meth:`words` returns int64 ``[N, 8]``: the 32-byte HMAC as eight 32-bit words.
+    """
+
+    def __init__(self, key: WatermarkKey, domain: bytes) -> None:
+        self._key = key
+        self._domain = domain + b"|"
+        self._cache: dict[tuple[int, ...], tuple[int, ...]] = {}
+
+    def seed(self, context: tuple[int, ...]) -> tuple[int, ...]:
+        hit = self._cache.get(context)
+        if hit is not None:
+            return hit
+        words = _WORDS.unpack(self._key.digest(self._domain + _pack(context)))
+        if len(self._cache) >= _MAX_CACHE:
+            self._cache.clear()  # bounded memory; a miss only costs one HMAC
+        self._cache[context] = words
+        return words
+
+    def words(self, contexts: Sequence[tuple[int, ...]], device: torch.device) -> torch.Tensor:
+        import torch
+
+        rows = [self.seed(c) for c in contexts]
+        return torch.tensor(rows, dtype=torch.int64, device=device).reshape(len(rows), 8)

@@ -1,0 +1,210 @@
+"""The training objective ``alpha*CE + (1-alpha)*KD`` with closed-form gradients, in token chunks.
+
+The reference losses (:mod:`~potstill.distill.losses.divergence`, :mod:`~potstill.distill.losses.sparse`)
+let autograd differentiate a chain of full-vocabulary ops; every op is another pass over a
+``[N, V]`` fp32 tensor in DRAM, forward and backward. For the two objectives a distillation
+step spends its time on -- forward KL against full teacher logits, and forward KL against a
+teacher's top-k log-probs with a tail bucket -- the gradient has a closed form:
+
+* cross-entropy (T = 1):   ``dCE/ds = softmax(s) - onehot(label)``
+* forward KL at T:         ``d(T^2 KL)/ds = T * (q - p)``,  ``q = softmax(s/T)``, ``p = softmax(t/T)``
+* top-k KL with a tail:    ``d(T^2 KL)/ds_j = T * (q_j S - p_j)`` for the K listed tokens and
+  ``T * q_j (S - p_tail / q_tail)`` for the rest, where ``S = sum_k p_k + p_tail`` (1 when
+  the tail bucket is used, the listed mass otherwise) and ``q_tail`` is the student's mass
+  outside the list.
+
+:func:`fused_kd_objective` walks the unmasked tokens in chunks small enough to stay in cache,
+computes value and gradient together in one forward pass, and keeps only the gradient
+(in the student logits' dtype) for backward. Values equal the reference losses (the same
+masking, ``TAIL_FLOOR`` and per-token clamp at 0), and gradients equal autograd's through
+them; the tests check both. The teacher is a constant (no gradient flows into it).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from potstill.distill.losses._common import check_temperature, check_unit_interval
+from potstill.distill.losses.sparse import TAIL_FLOOR
+
+Teacher = Tensor | tuple[Tensor, Tensor] | None
+
+
+def _ce_rows(ls1: Tensor, targets: Tensor) -> Tensor:
+    """Per-row cross-entropy ``[c]`` from the rows' log-softmax (T = 1)."""
+    return -ls1.gather(-1, targets[:, None])[:, 0]
+
+
+def _dense_rows(ls: Tensor, q: Tensor, t: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """Forward KL per row ``[c]`` and ``dKL/d(s/T) = q - p`` ``[c, V]`` (before the T factor)."""
+    tt = t.float()
+    if temperature != 1.0:
+        tt = tt / temperature
+    lt = F.log_softmax(tt, dim=-1)
+    p = lt.exp()
+    terms = torch.where(p > 0, p * (lt - ls), torch.zeros((), device=p.device))
+    return terms.sum(-1), q - p
+
+
+def _sparse_rows(ls: Tensor, q: Tensor, ids: Tensor, lps: Tensor) -> tuple[Tensor, Tensor]:
+    """Top-k + tail forward KL per row ``[c]`` and its gradient w.r.t. ``s/T`` ``[c, V]``."""
+    valid = ids >= 0
+    # Pad slots (-1) point at the row's first listed id, so duplicate scatters write equal values.
+    first = ids[:, :1].clamp_min(0)
+    sid = torch.where(valid, ids, first)
+    p_top = torch.where(valid, lps.float().exp(), torch.zeros((), device=q.device))
+    log_p_top = torch.where(valid, lps.float(), torch.zeros((), device=q.device))
+    log_q_top = ls.gather(-1, sid)
+    # Student mass outside the list: 1 - sum(q_top) is exact enough unless the list holds
+    # nearly everything; those rows take the log-space route (logsumexp of the unlisted).
+    q_top_sum = torch.where(valid, ls.gather(-1, sid).exp(), torch.zeros((), device=q.device)).sum(
+        -1
+    )
+    q_rest = 1.0 - q_top_sum
+    log_q_tail = torch.log(q_rest.clamp_min(1e-30))
+    close = (q_rest < 1e-2).nonzero()[:, 0]
+    if close.numel():
+        listed = torch.zeros((close.numel(), ls.shape[1]), dtype=torch.bool, device=ls.device)
+        listed.scatter_(-1, sid[close], valid[close, :1].expand(-1, sid.shape[1]).contiguous())
+        tail_ls = ls[close].masked_fill(listed, float("-inf"))
+        log_q_tail[close] = torch.logsumexp(tail_ls, dim=-1)  # -inf: the list covers the vocab
+    p_tail = (1.0 - p_top.sum(-1)).clamp_min(0.0)
+    has_tail = (p_tail > TAIL_FLOOR) & torch.isfinite(log_q_tail)
+    p_tail = torch.where(has_tail, p_tail, torch.zeros_like(p_tail))
+    zero = torch.zeros((), device=q.device)
+    bucket = torch.where(p_top > 0, p_top * (log_p_top - log_q_top), zero).sum(-1)
+    log_p_tail = torch.log(p_tail.clamp_min(TAIL_FLOOR))
+    tail = torch.where(has_tail, p_tail * (log_p_tail - log_q_tail), zero)
+    mass = p_top.sum(-1) + p_tail  # S
+    q_tail = torch.where(has_tail, log_q_tail.exp(), torch.ones_like(log_q_tail))
+    grad = q * (mass - p_tail / q_tail)[:, None]
+    top_val = q.gather(-1, sid) * mass[:, None] - p_top
+    fallback = torch.where(valid[:, :1], top_val[:, :1], grad.gather(-1, sid[:, :1]))
+    grad.scatter_(-1, sid, torch.where(valid, top_val, fallback))
+    return bucket + tail, grad
+
+
+class _FusedObjective(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any,
+        student: Tensor,
+        teacher: Tensor | None,
+        ids: Tensor | None,
+        lps: Tensor | None,
+        labels: Tensor | None,
+        alpha: float,
+        temperature: float,
+        chunk: int,
+        ignore_index: int,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        vocab = student.shape[-1]
+        s = student.reshape(-1, vocab)
+        grad = torch.zeros_like(s)
+        keep = None if labels is None else labels.reshape(-1) != ignore_index
+        rows = torch.arange(s.shape[0], device=s.device) if keep is None else keep.nonzero()[:, 0]
+        flat_labels = None if labels is None else labels.reshape(-1)
+        t = None if teacher is None else teacher.reshape(-1, teacher.shape[-1])
+        k_ids = None if ids is None else ids.reshape(-1, ids.shape[-1])
+        k_lps = None if lps is None else lps.reshape(-1, lps.shape[-1])
+        ce_sum = torch.zeros((), dtype=torch.float32, device=s.device)
+        kd_sum = torch.zeros((), dtype=torch.float32, device=s.device)
+        has_kd = teacher is not None or ids is not None
+        alpha = alpha if has_kd else 1.0  # without a teacher the objective is CE alone
+        for start in range(0, rows.shape[0], chunk):
+            r = rows[start : start + chunk]
+            x = s[r].float()
+            ls1 = F.log_softmax(x, dim=-1)
+            g = None
+            if has_kd:
+                ls = ls1 if temperature == 1.0 else F.log_softmax(x / temperature, dim=-1)
+                q = ls.exp()
+                if t is not None:
+                    kd, g = _dense_rows(ls, q, t[r], temperature)
+                else:
+                    assert k_ids is not None and k_lps is not None
+                    kd, g = _sparse_rows(ls, q, k_ids[r].long(), k_lps[r])
+                # Rows whose divergence rounds below 0 are clamped there (as the reference
+                # losses do), which zeroes their gradient.
+                g.mul_((kd >= 0).to(x.dtype)[:, None] * ((1.0 - alpha) * temperature))
+                kd_sum += kd.clamp_min(0.0).sum()
+            if flat_labels is not None:
+                targets = flat_labels[r]
+                ce_sum += _ce_rows(ls1, targets).sum()
+                if alpha > 0:  # alpha * (softmax(x) - onehot(target))
+                    q1 = q if has_kd and temperature == 1.0 else ls1.exp()
+                    g = alpha * q1 if g is None else g.add_(q1, alpha=alpha)
+                    g.scatter_add_(
+                        -1, targets[:, None], torch.full((len(r), 1), -alpha, device=g.device)
+                    )
+            if g is not None:
+                grad[r] = g.to(grad.dtype)
+        kd_scaled = kd_sum * temperature**2
+        total = alpha * ce_sum + (1.0 - alpha) * kd_scaled if has_kd else ce_sum.clone()
+        ctx.save_for_backward(grad)
+        ctx.shape = student.shape
+        ctx.mark_non_differentiable(ce_sum, kd_scaled)
+        return total, ce_sum, kd_scaled
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
+        (grad,) = ctx.saved_tensors
+        return (grad.reshape(ctx.shape) * grad_total.to(grad.dtype),) + (None,) * 8
+
+
+def fused_kd_objective(
+    student_logits: Tensor,
+    teacher: Teacher,
+    labels: Tensor | None,
+    *,
+    alpha: float = 0.0,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    chunk_tokens: int = 32,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``alpha*CE + (1-alpha)*T^2*KD`` summed over unmasked tokens, with its CE and KD terms.
+
+    Args:
+        student_logits: ``[B, T, V]`` or ``[N, V]``, any float dtype (the gradient comes back in it).
+        teacher: full teacher logits of the same shape (forward KL), a ``(ids, logprobs)`` pair of
+            ``[..., K]`` top-k log-probs (sparse KL with a tail bucket, pad ids -1), or None (CE).
+        labels: ``[B, T]`` / ``[N]`` next-token targets aligned with the logits; ``ignore_index``
+            masks a position. Needed for the CE term; None counts every position (then CE is 0).
+        alpha: CE weight in [0, 1]. CE is at temperature 1; KD at ``temperature`` times ``T^2``.
+
+    Returns:
+        ``(total, ce_sum, kd_sum)``: fp32 scalars in nats, summed (not averaged) over the
+        unmasked tokens; only ``total`` carries a gradient (to ``student_logits``).
+    """
+    check_temperature(temperature)
+    check_unit_interval("alpha", alpha)
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    dense = teacher if isinstance(teacher, Tensor) else None
+    ids, lps = teacher if isinstance(teacher, tuple) else (None, None)
+    if dense is not None and dense.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher logits {tuple(dense.shape)} must match student logits "
+            f"{tuple(student_logits.shape)}; truncate both to the shared vocabulary first"
+        )
+    if dense is not None:
+        dense = dense.detach()
+    result: tuple[Tensor, Tensor, Tensor] = _FusedObjective.apply(
+        student_logits,
+        dense,
+        ids,
+        lps,
+        labels,
+        float(alpha),
+        float(temperature),
+        int(chunk_tokens),
+        int(ignore_index),
+    )
+    return result
+
+
+__all__ = ["fused_kd_objective"]

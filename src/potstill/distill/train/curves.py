@@ -1,0 +1,185 @@
+"""Loss-curve figures from a run's ``metrics.jsonl``.
+
+``metrics.jsonl`` holds one JSON object per line. Training lines carry
+``loss`` (and usually ``step``, ``tokens``, ``kd``, ``ce``, ``lr``,
+``split: "train"``); evaluation lines carry ``eval_nll`` (and ``step``, maybe
+``tokens``, ``split: "eval"``). Other lines are ignored.
+
+matplotlib is imported inside the plotting function and drives the Agg canvas
+directly (``Figure`` + ``FigureCanvasAgg``, no pyplot), so ``import potstill``
+stays light, no display is needed, and a user's interactive backend is untouched.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from potstill.core.errors import PotstillError
+from potstill.core.io import atomic_write_bytes
+
+
+def read_metrics(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """``[(line_number, record), ...]`` from a JSON-lines file; blank lines skipped.
+
+    Raises :class:`PotstillError` naming the file and line for a line that is not
+    a JSON object, and for a missing file.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PotstillError(
+            f"metrics file {path} not found; point at a run's metrics.jsonl"
+        ) from None
+    out: list[tuple[int, dict[str, Any]]] = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PotstillError(
+                f"{path}:{lineno}: malformed JSON ({e.msg}); fix or delete that line"
+            ) from None
+        if not isinstance(rec, dict):
+            raise PotstillError(f"{path}:{lineno}: expected a JSON object; fix or delete that line")
+        out.append((lineno, rec))
+    return out
+
+
+@dataclass
+class _Series:
+    x_key: str
+    train_x: list[float] = field(default_factory=list)
+    train_y: list[float] = field(default_factory=list)
+    eval_x: list[float] = field(default_factory=list)
+    eval_y: list[float] = field(default_factory=list)
+
+
+def _num(path: Path, lineno: int, rec: dict[str, Any], key: str) -> float:
+    v = rec[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise PotstillError(f"{path}:{lineno}: {key!r} is {v!r}, not a number; fix that line")
+    return float(v)
+
+
+def _tokens_at(steps: np.ndarray, tokens: np.ndarray, step: float) -> float:
+    """Tokens seen at ``step``: interpolated between logged training steps, and
+    scaled proportionally (tokens per step of the nearest end) outside them."""
+    if steps[0] <= step <= steps[-1]:
+        return float(np.interp(step, steps, tokens))
+    i = 0 if step < steps[0] else -1
+    return float(tokens[i] / steps[i] * step) if steps[i] > 0 else float(tokens[i])
+
+
+def _series(path: Path, x_key: str | None = None) -> _Series:
+    """Curves of one run. ``x_key`` None: ``"tokens"`` if every training line has
+    it, else ``"step"``; pass ``"step"`` to force steps (mixed-run plots)."""
+    records = read_metrics(path)
+    train = [(n, r) for n, r in records if "loss" in r and r.get("split", "train") == "train"]
+    evals = [(n, r) for n, r in records if "eval_nll" in r]
+    if not train and not evals:
+        raise PotstillError(
+            f"{path} has no training ('loss') or eval ('eval_nll') lines; is it a metrics.jsonl?"
+        )
+    if x_key is None:
+        x_key = "tokens" if train and all("tokens" in r for _, r in train) else "step"
+    s = _Series(x_key=x_key)
+    for n, r in train:
+        if x_key not in r:
+            raise PotstillError(f"{path}:{n}: training line has no {x_key!r}; fix that line")
+        s.train_x.append(_num(path, n, r, x_key))
+        s.train_y.append(_num(path, n, r, "loss"))
+    # step -> tokens map from the training lines, to place eval lines without tokens.
+    logged = [(n, r) for n, r in train if "step" in r and "tokens" in r]
+    steps = np.array([_num(path, n, r, "step") for n, r in logged], dtype=float)
+    toks = np.array([_num(path, n, r, "tokens") for n, r in logged], dtype=float)
+    order = np.argsort(steps, kind="stable")  # np.interp needs increasing steps
+    steps, toks = steps[order], toks[order]
+    for n, r in evals:
+        if x_key in r:
+            x = _num(path, n, r, x_key)
+        elif x_key == "tokens" and "step" in r and len(steps) > 0:
+            x = _tokens_at(steps, toks, _num(path, n, r, "step"))
+        else:
+            raise PotstillError(
+                f"{path}:{n}: eval line has neither 'tokens' nor 'step'; fix that line"
+            )
+        s.eval_x.append(x)
+        s.eval_y.append(_num(path, n, r, "eval_nll"))
+    return s
+
+
+def _default_label(path: Path) -> str:
+    # runs/<name>/metrics.jsonl -> "<name>"
+    return path.parent.name if path.stem == "metrics" and path.parent.name else path.stem
+
+
+def plot_loss_curves(
+    metrics_jsonl: Path | Sequence[Path],
+    out_png: Path,
+    *,
+    labels: list[str] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Plot training loss (lines) and eval NLL (markers) of one or more runs.
+
+    The x axis is training tokens when every training line of every run has
+    ``tokens`` (eval lines without ``tokens`` are placed by their ``step``),
+    otherwise the step. Each run gets one colour. Writes ``out_png``
+    atomically and returns it. ``labels`` default to the run directory names.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    paths = (
+        [Path(metrics_jsonl)]
+        if isinstance(metrics_jsonl, (str, Path))
+        else [Path(p) for p in metrics_jsonl]
+    )
+    if not paths:
+        raise PotstillError("no metrics files given; pass at least one metrics.jsonl")
+    if labels is not None and len(labels) != len(paths):
+        raise PotstillError(
+            f"{len(labels)} labels for {len(paths)} metrics files; give one label per file"
+        )
+    names = labels if labels is not None else [_default_label(p) for p in paths]
+    series = [_series(p) for p in paths]
+    x_key = "tokens" if all(s.x_key == "tokens" for s in series) else "step"
+    if x_key == "step":  # some run lacks token counts: put every run on steps
+        series = [_series(p, "step") for p in paths]
+
+    fig = Figure(figsize=(7.5, 4.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for i, (name, s) in enumerate(zip(names, series)):
+        color = f"C{i % 10}"
+        if s.train_x:
+            ax.plot(s.train_x, s.train_y, color=color, linewidth=1.4, label=f"{name}: train loss")
+        if s.eval_x:
+            ax.plot(
+                s.eval_x,
+                s.eval_y,
+                color=color,
+                linestyle="none",
+                marker="o",
+                markersize=5,
+                markeredgecolor="black",
+                label=f"{name}: eval NLL",
+            )
+    ax.set_xlabel("training tokens" if x_key == "tokens" else "step")
+    ax.set_ylabel("loss / NLL (nats per token)")
+    ax.set_title(title or "Training loss")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return atomic_write_bytes(out_png, buf.getvalue())

@@ -1,0 +1,630 @@
+"""The distillation recipe: one training loop, read top to bottom.
+
+``run_distill(cfg)`` does, in order:
+
+1. validate every input (texts, tokenizer, teacher, tokenizer agreement) before
+   anything is written, so bad input leaves no half-made run folder;
+2. build the student, AdamW and a warm-up + cosine schedule, and hand them to
+   accelerate (one process, or DDP under ``accelerate launch``);
+3. loop over optimizer steps; each step consumes ``grad_accum`` micro-batches
+   per process, and the loss is normalised by the unmasked-token count of the
+   *whole* step across all processes and micro-batches, so neither gradient
+   accumulation nor the number of processes changes the gradient;
+4. log both loss terms (KD is often 100-1000x smaller than CE), evaluate, and
+   checkpoint atomically; a non-finite loss stops the run and keeps the last
+   good checkpoint;
+5. save the student as a plain Hugging Face directory and plot the curves.
+
+The data order is a pure function of ``(train.seed, epoch)``, and the data
+position is the number of micro-batches consumed, so ``resume=True`` replays
+exactly what an uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from potstill.core.errors import PotstillError, TrainingDiverged
+from potstill.core.faults import fault_point
+from potstill.core.io import atomic_dir, atomic_write_text
+from potstill.distill.config import DistillConfig, dump_config
+from potstill.distill.train.checkpoint import (
+    Progress,
+    find_resume_point,
+    list_checkpoints,
+    save_checkpoint,
+)
+from potstill.distill.train.data import TrainData, prepare_data
+from potstill.distill.train.student import build_student, count_params
+
+
+class HiddenLM(nn.Module):
+    """Wraps a causal LM so its forward returns final hidden states [B,T,H].
+
+    The projection to the vocabulary is done by the loss (possibly in token
+    chunks), so the full [B,T,V] logits never have to exist at once. Wrapping,
+    rather than calling ``model.model`` directly, keeps DDP's gradient hooks
+    in the forward path.
+    """
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        out = self.lm.model(input_ids=input_ids, attention_mask=attention_mask)
+        return out.last_hidden_state
+
+    @property
+    def head_weight(self) -> Tensor:
+        return self.lm.get_output_embeddings().weight
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    """Linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total`` steps."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return f
+
+
+def make_optimizer(model: nn.Module, cfg: DistillConfig) -> torch.optim.Optimizer:
+    # Decay matrices only: norms and biases are not decayed (standard for LMs).
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    other = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    o = cfg.optim
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": o.weight_decay}, {"params": other, "weight_decay": 0.0}],
+        lr=o.lr,
+        betas=(o.beta1, o.beta2),
+        eps=o.eps,
+    )
+
+
+@dataclass
+class StepStats:
+    """Per-process sums over one optimizer step (normalised after an all-reduce)."""
+
+    total: Tensor
+    ce: Tensor
+    kd: Tensor
+
+    @classmethod
+    def zeros(cls) -> StepStats:
+        return cls(torch.zeros(()), torch.zeros(()), torch.zeros(()))
+
+
+def make_objective(cfg: DistillConfig, stats: StepStats) -> Callable[..., Tensor]:
+    """``alpha*CE + (1-alpha)*KD`` as token *sums*; records each term for logging.
+
+    CE alone, forward KL and sparse top-k KL go through
+    :func:`~potstill.distill.losses.fused.fused_kd_objective` (closed-form gradients in cache-sized
+    token chunks: the step's hot spot); the other divergences through their reference
+    functions.
+    """
+    from potstill.distill.losses import LOSSES, ce_plus_kd, cross_entropy
+    from potstill.distill.losses.fused import fused_kd_objective
+
+    lc = cfg.loss
+    kd_fn = LOSSES[lc.kind]
+    extra: dict[str, float] = {}
+    if lc.kind == "generalized_jsd":
+        extra["beta"] = lc.beta
+    elif lc.kind.startswith("skew_"):
+        extra["alpha"] = lc.skew_alpha
+
+    def objective(student_logits: Tensor, teacher: Any, labels: Tensor, **_: Any) -> Tensor:
+        """teacher: None (CE only), full logits [..,V], or sparse (topk_ids, topk_logprobs)."""
+        if teacher is None or isinstance(teacher, tuple) or lc.kind == "forward_kl":
+            total, ce, kd = fused_kd_objective(
+                student_logits, teacher, labels, alpha=lc.ce_weight, temperature=lc.temperature
+            )
+        else:
+            ce = cross_entropy(student_logits, labels, reduction="sum")
+            kd = kd_fn(
+                student_logits,
+                teacher,
+                labels,
+                temperature=lc.temperature,
+                reduction="sum",
+                **extra,
+            )
+            total = ce_plus_kd(ce, kd, alpha=lc.ce_weight)
+        stats.ce += ce.detach().float().cpu()
+        stats.kd += kd.detach().float().cpu()
+        stats.total += total.detach().float().cpu()
+        return total
+
+    return objective
+
+
+def micro_loss(
+    model: HiddenLM,
+    teacher: Any,
+    batch: dict[str, Tensor],
+    cfg: DistillConfig,
+    objective: Callable[..., Tensor],
+) -> Tensor:
+    """Sum of the objective over one micro-batch's unmasked tokens.
+
+    The teacher signal comes from, in order: sparse top-k targets in the batch
+    (``topk_ids``/``topk_logprobs`` [B,T,K], from a logit cache or harvested API
+    logprobs), the online teacher (full logits, chunked when
+    ``loss.chunk_tokens`` is set), or nothing (CE alone).
+    """
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    hidden = model(ids, mask)
+    weight = model.module.head_weight if hasattr(model, "module") else model.head_weight
+    if cfg.loss.chunk_tokens is not None and teacher is not None and "topk_ids" not in batch:
+        from potstill.distill.losses import fused_linear_kd_loss
+
+        with torch.no_grad():
+            t_hidden, t_weight = teacher.hidden_and_head(ids, mask)
+        h = hidden.reshape(-1, hidden.shape[-1])
+        th = t_hidden.reshape(-1, t_hidden.shape[-1])
+        vocab = teacher.vocab_size
+        return fused_linear_kd_loss(
+            objective,
+            h,
+            weight[:vocab],
+            (th, t_weight[:vocab]),
+            labels.reshape(-1),
+            chunk_tokens=cfg.loss.chunk_tokens,
+            reduction="sum",
+        )
+    if teacher is None or "topk_ids" in batch:
+        # The head only on positions that count: a prompt or padding position's logits would
+        # be computed and then masked. With a 262k-token vocabulary the head is most of a step.
+        keep = labels.reshape(-1) != -100
+        logits = F.linear(hidden.reshape(-1, hidden.shape[-1])[keep], weight)
+        sparse = None
+        if "topk_ids" in batch:  # sparse teacher targets carried by the data (cache, harvest)
+            k = batch["topk_ids"].shape[-1]
+            sparse = (batch["topk_ids"].reshape(-1, k)[keep],
+                      batch["topk_logprobs"].reshape(-1, k)[keep])  # fmt: skip
+        return objective(logits, sparse, labels.reshape(-1)[keep])
+    logits = F.linear(hidden, weight)
+    with torch.no_grad():
+        t_logits = teacher.logits(ids, mask)
+    vocab = teacher.vocab_size
+    return objective(logits[..., :vocab], t_logits[..., :vocab], labels)
+
+
+def load_teacher(cfg: DistillConfig, tokenizer: Any, student_vocab: int) -> Any:
+    spec = cfg.teacher.spec
+    if cfg.loss.ce_weight >= 1.0 or spec == "none" or spec.startswith("cache:"):
+        return None  # CE alone, or the data carries the teacher's targets
+    from potstill.core.hardware import resolve_dtype
+    from potstill.distill.teachers import HFTeacher
+
+    bf16 = resolve_dtype(cfg.teacher.dtype) == "bfloat16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return HFTeacher.from_spec(
+        cfg.teacher.spec, student_tokenizer=tokenizer, student_vocab_size=student_vocab, dtype=dtype
+    )
+
+
+def tokenizer_spec(cfg: DistillConfig) -> str:
+    """Where the run's tokenizer comes from: student.tokenizer, else the teacher model
+    (for ``cache:DIR``, the teacher recorded in the cache's manifest)."""
+    spec = cfg.student.tokenizer or cfg.teacher.spec
+    from_checkpoint = cfg.student.init == "checkpoint" and bool(cfg.student.checkpoint)
+    if spec.startswith("cache:") and not from_checkpoint:
+        # A logit cache records the teacher it was made with: its tokenizer is the run's.
+        from potstill.distill.teachers.cache import read_manifest
+
+        return str(read_manifest(spec.removeprefix("cache:"))["teacher"])
+    if spec == "none" or spec.startswith("cache:"):
+        if cfg.student.init == "checkpoint" and cfg.student.checkpoint:
+            return cfg.student.checkpoint
+        raise PotstillError(
+            f"teacher.spec={cfg.teacher.spec!r} has no tokenizer to build the student with; "
+            "set student.tokenizer=<model spec> (e.g. the teacher's model)"
+        )
+    return spec
+
+
+def load_student(cfg: DistillConfig, tokenizer: Any) -> nn.Module:
+    if cfg.student.init == "scratch":
+        model = build_student(cfg.student, tokenizer, max_len=cfg.data.seq_len)
+    else:
+        from potstill.core.models import load_model
+        from potstill.core.tokenizers import check_tokenizers_agree
+
+        assert cfg.student.checkpoint is not None
+        model, tok = load_model(cfg.student.checkpoint)
+        check_tokenizers_agree(
+            tokenizer, tok, teacher_name=cfg.teacher.spec, student_name=cfg.student.checkpoint
+        )
+    if cfg.student.train_top_layers is not None:
+        freeze_below(model, cfg.student.train_top_layers)
+    return model
+
+
+def freeze_below(model: nn.Module, top: int) -> None:
+    """Leave only the top ``top`` decoder layers and the final norm trainable."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise PotstillError(
+            "student.train_top_layers needs a decoder with model.layers (Llama-like); "
+            "unset it to train every parameter"
+        )
+    if top > len(layers):
+        raise PotstillError(
+            f"student.train_top_layers={top} but the student has {len(layers)} layers; "
+            f"use at most {len(layers)}"
+        )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in list(layers)[len(layers) - top :]:
+        for p in layer.parameters():
+            p.requires_grad_(True)
+    norm = getattr(inner, "norm", None)
+    if norm is not None:
+        for p in norm.parameters():
+            p.requires_grad_(True)
+
+
+def check_sparse_temperature(cfg: DistillConfig, *, sparse: bool) -> None:
+    """Refuse ``loss.temperature != 1`` when the teacher is known only by top-k logprobs.
+
+    Top-k targets (a logit cache, an API's logprobs) are recorded at temperature 1. Tempering
+    the K known tokens is exact (``softmax(l_i / T)`` over them, up to normalisation), but the
+    tail bucket's tempered mass is ``sum_j exp(l_j / T)`` over tokens whose logprobs were never
+    recorded: any value from ``m**(1/T)``-like to 0 fits the same record. Dividing only the
+    student's logits by T, as a dense loss does, would compare a tempered student with an
+    untempered teacher: a silently wrong objective. So T != 1 is an error here.
+    """
+    if sparse and cfg.loss.ce_weight < 1.0 and cfg.loss.temperature != 1.0:
+        raise PotstillError(
+            f"loss.temperature={cfg.loss.temperature} cannot be applied to sparse top-k teacher "
+            "targets: they were recorded at temperature 1 and the tempered mass of the tokens "
+            "outside the top-k is unknown; set loss.temperature=1.0 (or use an online teacher)"
+        )
+
+
+def _check_out_dir(out: Path, resume: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise PotstillError(
+            f"out_dir {out} already holds a run; pass --resume to continue it, "
+            "or set out_dir=<new folder>"
+        )
+
+
+def run_distill(
+    cfg: DistillConfig,
+    *,
+    resume: bool = False,
+    stop_after: int | None = None,
+    show_progress: bool = True,
+) -> Path:
+    """Train a student by distillation; returns the run folder.
+
+    ``stop_after`` ends the loop after that many optimizer steps (as a crash
+    would, but cleanly, right after a checkpoint); tests use it to check that
+    resuming reproduces an uninterrupted run bit for bit.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from potstill.core.models import load_tokenizer
+
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    acc = Accelerator(mixed_precision="bf16" if cfg.train.bf16 else "no")
+    out = Path(cfg.out_dir)
+    _check_out_dir(out, resume)
+
+    # 1. Validate every input before writing anything.
+    tokenizer = load_tokenizer(tokenizer_spec(cfg))
+    data = prepare_data(cfg, tokenizer, world_size=acc.num_processes)
+    set_seed(cfg.train.seed)
+    student = load_student(cfg, tokenizer)
+    vocab = student.get_output_embeddings().weight.shape[0]
+    teacher = load_teacher(cfg, tokenizer, vocab)
+    if teacher is not None:
+        teacher.to(acc.device)
+    if teacher is None and data.targets is None and cfg.loss.ce_weight < 1.0:
+        raise PotstillError(
+            f"loss.ce_weight={cfg.loss.ce_weight} asks for a KD term but teacher.spec={cfg.teacher.spec!r} "
+            "gives no teacher signal; use a teacher model or cache:DIR, data with top-k logprobs, "
+            "or loss.ce_weight=1.0 for plain SFT"
+        )
+    check_sparse_temperature(cfg, sparse=data.targets is not None)
+    config_dict = json.loads(json.dumps(cfg.model_dump(mode="json")))
+    config_dict.pop("out_dir")
+    resume_from = (
+        find_resume_point(out / "checkpoints", config_dict, acc.num_processes) if resume else None
+    )
+
+    # 2. Model, optimizer, schedule.
+    model = HiddenLM(student)
+    optimizer = make_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio)
+    )
+    # The scheduler is NOT passed through accelerate.prepare: accelerate steps a
+    # prepared scheduler once per process per step (it assumes sharded epochs),
+    # which would make the LR schedule depend on the number of processes.
+    model, optimizer = acc.prepare(model, optimizer)
+    acc.register_for_checkpointing(sched)
+    progress = Progress(
+        step=0, tokens=0, micro_batches=0, world_size=acc.num_processes, config=config_dict
+    )
+    if resume_from is not None:
+        acc.load_state(str(resume_from[0]))
+        progress = resume_from[1]
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", dump_config(cfg))
+        _write_run_info(out, cfg, acc, count_params(student), data, teacher)
+        _truncate_metrics(out / "metrics.jsonl", progress.step)
+    acc.wait_for_everyone()
+
+    # 3. The loop.
+    _train_loop(
+        cfg,
+        acc,
+        model,
+        optimizer,
+        sched,
+        teacher,
+        data,
+        progress,
+        out,
+        stop_after=stop_after,
+        show_progress=show_progress,
+    )
+    if stop_after is not None and progress.step < cfg.train.steps:
+        return out
+
+    # 5. Outputs.
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        unwrapped = acc.unwrap_model(model).lm
+        with atomic_dir(out / "student") as tmp:
+            unwrapped.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+        _plot(out)
+    acc.wait_for_everyone()
+    return out
+
+
+def _train_loop(
+    cfg: DistillConfig,
+    acc: Any,
+    model: Any,
+    optimizer: Any,
+    sched: Any,
+    teacher: Any,
+    data: TrainData,
+    progress: Progress,
+    out: Path,
+    *,
+    stop_after: int | None,
+    show_progress: bool,
+) -> None:
+    tc = cfg.train
+    stats = StepStats.zeros()
+    objective = make_objective(cfg, stats)
+    metrics_path = out / "metrics.jsonl"
+    t0, tokens0 = time.perf_counter(), progress.tokens
+    bar = _progress_bar(acc.is_main_process and show_progress, cfg.train.steps, progress.step)
+    model.train()
+    while progress.step < tc.steps:
+        batches = [
+            data.micro_batch(progress.micro_batches + i, acc.process_index)
+            for i in range(tc.grad_accum)
+        ]
+        # Unmasked tokens of the whole step, summed over processes: the one normaliser.
+        local_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
+        n_tokens = int(acc.reduce(torch.tensor(local_tokens, device=acc.device), "sum").item())
+        # DDP averages gradients over processes; multiply back so the result is a global token mean.
+        scale = acc.num_processes / max(1, n_tokens)
+        stats.total.zero_(), stats.ce.zero_(), stats.kd.zero_()
+        applied = torch.zeros(())  # what backward actually saw, to catch NaNs the terms miss
+        for i, batch in enumerate(batches):
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            sync = i == len(batches) - 1
+            ctx = acc.no_sync(model) if not sync else _null()
+            with ctx, acc.autocast():
+                loss = micro_loss(model, teacher, batch, cfg, objective) * scale
+            acc.backward(loss)
+            applied += loss.detach().float().cpu()
+        sums = acc.reduce(
+            torch.stack([stats.total, stats.ce, stats.kd, applied]).to(acc.device), "sum"
+        )
+        total, ce, kd = (float(x) / max(1, n_tokens) for x in sums[:3].cpu())
+        if not (math.isfinite(total) and math.isfinite(float(sums[3]))):
+            optimizer.zero_grad(set_to_none=True)
+            last = list_checkpoints(out / "checkpoints")
+            where = (
+                f"last good checkpoint: {last[-1][1]}" if last else "no checkpoint was written yet"
+            )
+            raise TrainingDiverged(
+                f"loss became non-finite ({total if not math.isfinite(total) else float(sums[3])}) at step {progress.step + 1}; the update was not "
+                f"applied; {where}. Lower optim.lr, keep optim.grad_clip on, or disable train.bf16"
+            )
+        grad_norm = (
+            acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            if cfg.optim.grad_clip
+            else None
+        )
+        lr = sched.get_last_lr()[0]
+        optimizer.step()
+        sched.step()
+        optimizer.zero_grad(set_to_none=True)
+        progress.step += 1
+        progress.micro_batches += tc.grad_accum
+        progress.tokens += n_tokens
+        elapsed = time.perf_counter() - t0
+        if acc.is_main_process and (progress.step % tc.log_every == 0 or progress.step == tc.steps):
+            row = {
+                "split": "train",
+                "step": progress.step,
+                "tokens": progress.tokens,
+                "loss": total,
+                "ce": ce,
+                "kd": kd if (teacher is not None or data.targets is not None) else None,
+                "lr": lr,
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "tok_per_s": (progress.tokens - tokens0) / max(elapsed, 1e-9),
+            }
+            _append_metrics(metrics_path, row)
+        if bar is not None:
+            bar.update(progress.step, loss=total)
+        last_step = progress.step == tc.steps or progress.step == stop_after
+        if (tc.eval_every and progress.step % tc.eval_every == 0) or last_step:
+            _evaluate(acc, model, data, progress, metrics_path)
+        if (tc.save_every and progress.step % tc.save_every == 0) or last_step:
+            save_checkpoint(acc, out / "checkpoints", progress, keep=tc.keep_checkpoints)
+            fault_point("train.after_checkpoint")
+        if progress.step == stop_after:
+            break
+    if bar is not None:
+        bar.close()
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _evaluate(acc: Any, model: Any, data: TrainData, progress: Progress, path: Path) -> None:
+    if data.eval_blocks is None:
+        return
+    if acc.is_main_process:
+        from potstill.distill.evaluate import evaluate_lm
+
+        lm = acc.unwrap_model(model).lm
+        lm.eval()
+        res = evaluate_lm(lm, data.eval_blocks, attention_mask=data.eval_mask, batch_size=8)
+        lm.train()
+        _append_metrics(
+            path,
+            {
+                "split": "eval",
+                "step": progress.step,
+                "tokens": progress.tokens,
+                "eval_nll": res["nll"],
+                "eval_ppl": res["ppl"],
+            },
+        )
+    acc.wait_for_everyone()
+
+
+def _append_metrics(path: Path, row: dict[str, Any]) -> None:
+    with path.open("a") as fh:
+        fh.write(json.dumps(row) + "\n")
+        fh.flush()
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop rows logged after the checkpoint so no step appears twice.
+
+    A kill can leave a torn last line; it is dropped too.
+    """
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("step", 0) <= step:
+            keep.append(line)
+    atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
+
+def _write_run_info(
+    out: Path, cfg: DistillConfig, acc: Any, n_params: int, data: TrainData, teacher: Any
+) -> None:
+    import platform
+
+    import transformers
+
+    info = {
+        "potstill_config": cfg.model_dump(mode="json"),
+        "world_size": acc.num_processes,
+        "global_batch_sequences": cfg.train.micro_batch_size
+        * cfg.train.grad_accum
+        * acc.num_processes,
+        "student_params": n_params,
+        "teacher": None
+        if teacher is None
+        else {"name": teacher.name, "vocab_size": teacher.vocab_size},
+        "train_sequences": data.n_train,
+        "train_fingerprint": data.fingerprint,
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+        "threads": torch.get_num_threads(),
+    }
+    atomic_write_text(out / "run_info.json", json.dumps(info, indent=2) + "\n")
+
+
+def _plot(out: Path) -> None:
+    from potstill.distill.train.curves import plot_loss_curves
+
+    plot_loss_curves(out / "metrics.jsonl", out / "loss_curve.png", title=out.name)
+
+
+class _Bar:
+    def __init__(self, total: int, start: int) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.p = Progress(
+            TextColumn("distill"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            transient=False,
+        )
+        self.task = self.p.add_task("distill", total=total, completed=start, loss="-")
+        self.p.start()
+
+    def update(self, step: int, *, loss: float) -> None:
+        self.p.update(self.task, completed=step, loss=f"{loss:.4f}")
+
+    def close(self) -> None:
+        self.p.stop()
+
+
+def _progress_bar(enabled: bool, total: int, start: int) -> _Bar | None:
+    return _Bar(total, start) if enabled else None
+
+
+def remove_run(out: Path) -> None:
+    """Used by callers that created ``out`` and must not leave it half-written."""
+    shutil.rmtree(out, ignore_errors=True)
