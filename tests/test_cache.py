@@ -35,10 +35,8 @@ from potstill.distill.teachers.cache import (
 from potstill.distill.train.data import prepare_data
 from potstill.distill.train.recipe import (
     HiddenLM,
-    StepStats,
     load_student,
     load_teacher,
-    make_objective,
     micro_loss,
     run_distill,
 )
@@ -333,12 +331,12 @@ def test_chunked_micro_loss_equals_unchunked(tmp_path: Path) -> None:
         student = load_student(cfg, tok)
         teacher = load_teacher(cfg, tok, student.get_output_embeddings().weight.shape[0])
         model = HiddenLM(student)
-        loss = micro_loss(
-            model, teacher, data.micro_batch(0, 0), cfg, make_objective(cfg, StepStats.zeros())
-        )
-        loss.backward()
-        results.append((loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}))
+        terms = micro_loss(model, teacher, data.micro_batch(0, 0), cfg)
+        terms.total.backward()
+        results.append((torch.stack([t.detach() for t in terms]),
+                        {k: p.grad.clone() for k, p in model.named_parameters()}))  # fmt: skip
     (l0, g0), (l1, g1) = results
+    # total, CE and KD each: the chunked path sums its terms over chunks as the loss itself
     torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
     for k in g0:
         torch.testing.assert_close(g1[k], g0[k], rtol=1e-4, atol=1e-6)
@@ -361,8 +359,7 @@ def test_batch_topk_targets_win_over_the_online_teacher_when_chunked(tmp_path: P
                 teacher.logits(batch["input_ids"], batch["attention_mask"]).float(), -1
             )
         batch["topk_logprobs"], batch["topk_ids"] = lp.topk(4, dim=-1)
-        loss = micro_loss(HiddenLM(student), teacher if online else None, batch, cfg,
-                          make_objective(cfg, StepStats.zeros()))  # fmt: skip
-        losses.append(loss.detach())
+        terms = micro_loss(HiddenLM(student), teacher if online else None, batch, cfg)
+        losses.append(torch.stack([t.detach() for t in terms]))
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(losses[2], losses[0], rtol=1e-5, atol=1e-5)

@@ -171,6 +171,38 @@ def test_fused_linear_equals_reference(
     assert (gh[FUSED_LABELS == -100] == 0).all() and gw.abs().sum() > 0
 
 
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_fused_linear_returns_auxiliary_terms_summed_like_the_loss(reduction: str) -> None:
+    """A loss_fn returning ``(loss, *aux)``: the result is the same tuple summed over chunks,
+    each term equal to the direct call's, and only ``loss`` carries a gradient."""
+
+    def with_terms(s: Tensor, t: Tensor, labels: Tensor | None, **kw: Any) -> tuple[Tensor, ...]:
+        kd = forward_kl(s, t, labels, **kw)
+        ce = torch.nn.functional.cross_entropy(
+            s, labels, ignore_index=-100, reduction=kw["reduction"]
+        )
+        return 0.3 * ce + 0.7 * kd, ce, kd
+
+    hidden, weight = make((N, H), 6, 1.0), make((V, H), 7, 0.5)
+    t_logits = make((N, V), 8, 1.5)
+    hidden.requires_grad_(True)
+    got = fused_linear_kd_loss(
+        with_terms, hidden, weight, t_logits, FUSED_LABELS, chunk_tokens=3, reduction=reduction
+    )
+    want = with_terms(hidden.detach() @ weight.T, t_logits, FUSED_LABELS, reduction=reduction)
+    assert isinstance(got, tuple) and len(got) == 3
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    assert got[0].requires_grad and not got[1].requires_grad and not got[2].requires_grad
+    (g_fused,) = torch.autograd.grad(got[0], hidden)
+    hidden_ref = hidden.detach().requires_grad_(True)
+    (g_ref,) = torch.autograd.grad(
+        with_terms(hidden_ref @ weight.T, t_logits, FUSED_LABELS, reduction=reduction)[0],
+        hidden_ref,
+    )
+    torch.testing.assert_close(g_fused, g_ref, rtol=1e-5, atol=1e-7)
+
+
 def test_fused_linear_batched_shapes_sum_bf16() -> None:
     hidden, weight = make((2, 6, H), 10, 1.0), make((V, H), 11, 0.5)
     teacher = make((2, 6, V), 12)

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from potstill.distill.losses._common import check_labels, check_pair, check_reduction, keep_mask
 
-LossFn = Callable[..., Tensor]
+LossFn = Callable[..., Any]  # -> Tensor, or (loss, *aux) for fused_linear_kd_loss
 
 
 Where = tuple[Tensor, ...]  # one index tensor per leading (token) dimension
@@ -74,13 +74,15 @@ def _chunk_loss_and_grad(
     labels: Tensor | None,
     need_grad: bool,
     kwargs: dict[str, Any],
-) -> tuple[Tensor, Tensor | None]:
-    """Sum-reduced loss of one chunk and its gradient w.r.t. the fp32 student logits chunk."""
+) -> tuple[Tensor, Tensor | None, tuple[Tensor, ...]]:
+    """Sum-reduced loss of one chunk, its gradient w.r.t. the fp32 student logits chunk, and
+    the detached auxiliary terms when ``loss_fn`` returns ``(loss, *aux)``."""
     student = student.detach().float().requires_grad_(need_grad)
     with torch.enable_grad():
-        loss = loss_fn(student, teacher.detach(), labels, reduction="sum", **kwargs)
+        out = loss_fn(student, teacher.detach(), labels, reduction="sum", **kwargs)
+        loss, aux = (out[0], tuple(out[1:])) if isinstance(out, tuple) else (out, ())
         grad = torch.autograd.grad(loss, student)[0] if need_grad else None
-    return loss.detach().float(), grad
+    return loss.detach().float(), grad, tuple(a.detach().float() for a in aux)
 
 
 class _ChunkedKD(torch.autograd.Function):
@@ -109,7 +111,7 @@ class _ChunkedKD(torch.autograd.Function):
         )
         total = torch.zeros((), dtype=torch.float32, device=rows.device)
         for where in _chunks(rows, chunk_tokens, lead):
-            loss, g = _chunk_loss_and_grad(
+            loss, g, _ = _chunk_loss_and_grad(
                 loss_fn,
                 student_logits[where],
                 teacher_logits[where],
@@ -187,7 +189,7 @@ class _FusedLinearKD(torch.autograd.Function):
         ignore_index: int,
         kwargs: dict[str, Any],
         grad_enabled: bool,
-    ) -> Tensor:
+    ) -> Tensor | tuple[Tensor, ...]:
         lead = hidden.shape[:-1]
         w32 = weight.detach().float()
         rows = _kept_rows(labels, ignore_index, lead, hidden.device)
@@ -199,6 +201,7 @@ class _FusedLinearKD(torch.autograd.Function):
         )
         grad_w = torch.zeros_like(w32) if need_w else None  # fp32 accumulator over chunks
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        aux_sums: list[Tensor] = []
         for where in _chunks(rows, chunk_tokens, lead):
             h32 = hidden[where].detach().float()
             with torch.no_grad():
@@ -209,7 +212,7 @@ class _FusedLinearKD(torch.autograd.Function):
                     assert teacher_hidden is not None and teacher_weight is not None
                     # teacher's own dtype, as its lm_head would compute the logits
                     t_chunk = teacher_hidden[where] @ teacher_weight.T
-            loss, g = _chunk_loss_and_grad(
+            loss, g, aux = _chunk_loss_and_grad(
                 loss_fn,
                 logits,
                 t_chunk,
@@ -218,6 +221,7 @@ class _FusedLinearKD(torch.autograd.Function):
                 kwargs,
             )
             total += loss
+            aux_sums = list(aux) if not aux_sums else [a + b for a, b in zip(aux_sums, aux)]
             if g is None:
                 continue
             g = g * scale
@@ -226,10 +230,14 @@ class _FusedLinearKD(torch.autograd.Function):
             if grad_w is not None:
                 grad_w.addmm_(g.T, h32)
         ctx.save_for_backward(grad_h, None if grad_w is None else grad_w.to(weight.dtype))
-        return total * scale
+        if not aux_sums:
+            return total * scale
+        aux_out = tuple(a * scale for a in aux_sums)
+        ctx.mark_non_differentiable(*aux_out)
+        return (total * scale, *aux_out)
 
     @staticmethod
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(ctx: Any, grad_output: Tensor, *_aux: Any) -> tuple[Tensor | None, ...]:
         grad_h, grad_w = ctx.saved_tensors
         gh = None if grad_h is None else grad_h * grad_output
         gw = None if grad_w is None else grad_w * grad_output
@@ -280,7 +288,7 @@ def fused_linear_kd_loss(
     *,
     chunk_tokens: int = 1024,
     **loss_kwargs: Any,
-) -> Tensor:
+) -> Any:
     """KD loss of ``student_hidden @ student_weight.T`` against the teacher, fused and chunked.
 
     Equal (value, and gradients w.r.t. ``student_hidden`` and ``student_weight``) to
@@ -290,7 +298,10 @@ def fused_linear_kd_loss(
     (their dtype) and of the weight (an fp32 ``[V, H]`` accumulator).
 
     Args:
-        loss_fn: a loss with the :func:`~potstill.distill.losses.forward_kl` signature.
+        loss_fn: a loss with the :func:`~potstill.distill.losses.forward_kl` signature. If it
+            returns a tuple ``(loss, *aux)`` (e.g. a total and its CE and KD terms), the result
+            is the tuple ``(loss, *aux)`` summed over chunks the same way, ``aux`` detached
+            (only ``loss`` is differentiated).
         student_hidden: ``[N, H]`` or ``[B, T, H]`` final hidden states (after the final norm).
         student_weight: ``[V, H]`` output projection (``lm_head.weight``).
         teacher: either teacher logits ``[..., V]`` (same leading shape as ``student_hidden``),
@@ -321,7 +332,7 @@ def fused_linear_kd_loss(
         kwargs,
         torch.is_grad_enabled(),
     )
-    return cast(Tensor, out)
+    return out
 
 
 __all__ = ["chunked_kd_loss", "fused_linear_kd_loss"]

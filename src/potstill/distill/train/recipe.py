@@ -22,14 +22,14 @@ exactly what an uninterrupted run would have done.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from potstill.core.errors import PotstillError, TrainingDiverged
 from potstill.core.faults import fault_point
 from potstill.core.io import atomic_dir, atomic_write_text
-from potstill.distill.config import DistillConfig, dump_config
+from potstill.distill.config import DistillConfig, LossConfig, dump_config
 from potstill.distill.train.checkpoint import (
     Progress,
     find_resume_point,
@@ -96,71 +96,58 @@ def make_optimizer(model: nn.Module, cfg: DistillConfig) -> torch.optim.Optimize
     )
 
 
-@dataclass
-class StepStats:
-    """Per-process sums over one optimizer step (normalised after an all-reduce)."""
+class LossTerms(NamedTuple):
+    """One objective's value and its two terms, each a token *sum* (fp32 scalars)."""
 
     total: Tensor
     ce: Tensor
     kd: Tensor
 
-    @classmethod
-    def zeros(cls) -> StepStats:
-        return cls(torch.zeros(()), torch.zeros(()), torch.zeros(()))
 
+def kd_objective(
+    student_logits: Tensor,
+    teacher: Any,
+    labels: Tensor,
+    *,
+    loss: LossConfig,
+    reduction: str = "sum",
+) -> LossTerms:
+    """``alpha*CE + (1-alpha)*KD`` and its terms, as token sums over ``labels != -100``.
 
-def make_objective(cfg: DistillConfig, stats: StepStats) -> Callable[..., Tensor]:
-    """``alpha*CE + (1-alpha)*KD`` as token *sums*; records each term for logging.
-
-    CE alone, forward KL and sparse top-k KL go through
-    :func:`~potstill.distill.losses.fused.fused_kd_objective` (closed-form gradients in cache-sized
-    token chunks: the step's hot spot); the other divergences through their reference
-    functions.
+    ``student_logits``: ``[..., V]``; ``teacher``: None (CE only), full logits ``[..., V]``, or
+    sparse top-k targets ``(topk_ids, topk_logprobs)`` ``[..., K]``; ``labels``: the leading
+    shape. CE alone, forward KL and sparse top-k KL go through
+    :func:`~potstill.distill.losses.fused.fused_kd_objective` (closed-form gradients in
+    cache-sized token chunks: the step's hot spot); the other divergences through their
+    reference functions. ``reduction`` must be ``"sum"`` (the chunked path passes it); the loop
+    normalises once per optimizer step.
     """
     from potstill.distill.losses import LOSSES, ce_plus_kd, cross_entropy
     from potstill.distill.losses.fused import fused_kd_objective
 
-    lc = cfg.loss
-    kd_fn = LOSSES[lc.kind]
+    if reduction != "sum":
+        raise ValueError(f"kd_objective sums over tokens; got reduction={reduction!r}")
+    if teacher is None or isinstance(teacher, tuple) or loss.kind == "forward_kl":
+        total, ce, kd = fused_kd_objective(
+            student_logits, teacher, labels, alpha=loss.ce_weight, temperature=loss.temperature
+        )
+        return LossTerms(total, ce, kd)
     extra: dict[str, float] = {}
-    if lc.kind == "generalized_jsd":
-        extra["beta"] = lc.beta
-    elif lc.kind.startswith("skew_"):
-        extra["alpha"] = lc.skew_alpha
-
-    def objective(student_logits: Tensor, teacher: Any, labels: Tensor, **_: Any) -> Tensor:
-        """teacher: None (CE only), full logits [..,V], or sparse (topk_ids, topk_logprobs)."""
-        if teacher is None or isinstance(teacher, tuple) or lc.kind == "forward_kl":
-            total, ce, kd = fused_kd_objective(
-                student_logits, teacher, labels, alpha=lc.ce_weight, temperature=lc.temperature
-            )
-        else:
-            ce = cross_entropy(student_logits, labels, reduction="sum")
-            kd = kd_fn(
-                student_logits,
-                teacher,
-                labels,
-                temperature=lc.temperature,
-                reduction="sum",
-                **extra,
-            )
-            total = ce_plus_kd(ce, kd, alpha=lc.ce_weight)
-        stats.ce += ce.detach().float().cpu()
-        stats.kd += kd.detach().float().cpu()
-        stats.total += total.detach().float().cpu()
-        return total
-
-    return objective
+    if loss.kind == "generalized_jsd":
+        extra["beta"] = loss.beta
+    elif loss.kind.startswith("skew_"):
+        extra["alpha"] = loss.skew_alpha
+    ce = cross_entropy(student_logits, labels, reduction="sum")
+    kd = LOSSES[loss.kind](
+        student_logits, teacher, labels, temperature=loss.temperature, reduction="sum", **extra
+    )
+    return LossTerms(ce_plus_kd(ce, kd, alpha=loss.ce_weight), ce, kd)
 
 
 def micro_loss(
-    model: HiddenLM,
-    teacher: Any,
-    batch: dict[str, Tensor],
-    cfg: DistillConfig,
-    objective: Callable[..., Tensor],
-) -> Tensor:
-    """Sum of the objective over one micro-batch's unmasked tokens.
+    model: HiddenLM, teacher: Any, batch: dict[str, Tensor], cfg: DistillConfig
+) -> LossTerms:
+    """:func:`kd_objective` summed over one micro-batch's unmasked tokens.
 
     The teacher signal comes from, in order: sparse top-k targets in the batch
     (``topk_ids``/``topk_logprobs`` [B,T,K], from a logit cache or harvested API
@@ -178,14 +165,16 @@ def micro_loss(
         h = hidden.reshape(-1, hidden.shape[-1])
         th = t_hidden.reshape(-1, t_hidden.shape[-1])
         vocab = teacher.vocab_size
-        return fused_linear_kd_loss(
-            objective,
-            h,
-            weight[:vocab],
-            (th, t_weight[:vocab]),
-            labels.reshape(-1),
-            chunk_tokens=cfg.loss.chunk_tokens,
-            reduction="sum",
+        return LossTerms(
+            *fused_linear_kd_loss(
+                functools.partial(kd_objective, loss=cfg.loss),
+                h,
+                weight[:vocab],
+                (th, t_weight[:vocab]),
+                labels.reshape(-1),
+                chunk_tokens=cfg.loss.chunk_tokens,
+                reduction="sum",
+            )
         )
     if teacher is None or "topk_ids" in batch:
         # The head only on positions that count: a prompt or padding position's logits would
@@ -197,12 +186,12 @@ def micro_loss(
             k = batch["topk_ids"].shape[-1]
             sparse = (batch["topk_ids"].reshape(-1, k)[keep],
                       batch["topk_logprobs"].reshape(-1, k)[keep])  # fmt: skip
-        return objective(logits, sparse, labels.reshape(-1)[keep])
+        return kd_objective(logits, sparse, labels.reshape(-1)[keep], loss=cfg.loss)
     logits = F.linear(hidden, weight)
     with torch.no_grad():
         t_logits = teacher.logits(ids, mask)
     vocab = teacher.vocab_size
-    return objective(logits[..., :vocab], t_logits[..., :vocab], labels)
+    return kd_objective(logits[..., :vocab], t_logits[..., :vocab], labels, loss=cfg.loss)
 
 
 def load_teacher(cfg: DistillConfig, tokenizer: Any, student_vocab: int) -> Any:
@@ -421,8 +410,6 @@ def _train_loop(
     show_progress: bool,
 ) -> None:
     tc = cfg.train
-    stats = StepStats.zeros()
-    objective = make_objective(cfg, stats)
     metrics_path = out / "metrics.jsonl"
     t0, tokens0 = time.perf_counter(), progress.tokens
     bar = _progress_bar(acc.is_main_process and show_progress, cfg.train.steps, progress.step)
@@ -437,19 +424,18 @@ def _train_loop(
         n_tokens = int(acc.reduce(torch.tensor(local_tokens, device=acc.device), "sum").item())
         # DDP averages gradients over processes; multiply back so the result is a global token mean.
         scale = acc.num_processes / max(1, n_tokens)
-        stats.total.zero_(), stats.ce.zero_(), stats.kd.zero_()
-        applied = torch.zeros(())  # what backward actually saw, to catch NaNs the terms miss
+        # total, ce, kd (token sums) and what backward actually saw, to catch NaNs the terms miss
+        step_sums = torch.zeros(4)
         for i, batch in enumerate(batches):
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             sync = i == len(batches) - 1
             ctx = acc.no_sync(model) if not sync else _null()
             with ctx, acc.autocast():
-                loss = micro_loss(model, teacher, batch, cfg, objective) * scale
+                terms = micro_loss(model, teacher, batch, cfg)
+                loss = terms.total * scale
             acc.backward(loss)
-            applied += loss.detach().float().cpu()
-        sums = acc.reduce(
-            torch.stack([stats.total, stats.ce, stats.kd, applied]).to(acc.device), "sum"
-        )
+            step_sums += torch.stack([t.detach().float().cpu() for t in (*terms, loss)])
+        sums = acc.reduce(step_sums.to(acc.device), "sum")
         total, ce, kd = (float(x) / max(1, n_tokens) for x in sums[:3].cpu())
         if not (math.isfinite(total) and math.isfinite(float(sums[3]))):
             optimizer.zero_grad(set_to_none=True)
