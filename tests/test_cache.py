@@ -33,13 +33,8 @@ from potstill.distill.teachers.cache import (
     write_cache,
 )
 from potstill.distill.train.data import prepare_data
-from potstill.distill.train.recipe import (
-    HiddenLM,
-    load_student,
-    load_teacher,
-    micro_loss,
-    run_distill,
-)
+from potstill.distill.train.models import load_student, load_teacher
+from potstill.distill.train.recipe import HiddenLM, micro_loss, run_distill
 
 from .conftest import REPO, tiny_overrides
 

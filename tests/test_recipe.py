@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from potstill.core.errors import PotstillError, TrainingDiverged
 from potstill.distill.config import DistillConfig, load_config
 from potstill.distill.train import recipe
+from potstill.distill.train.models import freeze_below
 from potstill.distill.train.recipe import (
     HiddenLM,
     micro_loss,
@@ -87,7 +88,7 @@ def _grads(cfg: DistillConfig, split: int) -> dict[str, torch.Tensor]:
     """Gradient of one optimizer step computed from `split` micro-batches, as the loop does it."""
     from potstill.core.models import load_tokenizer
     from potstill.distill.train.data import prepare_data
-    from potstill.distill.train.recipe import load_student, load_teacher
+    from potstill.distill.train.models import load_student, load_teacher
 
     cfg = cfg.model_copy(deep=True)
     cfg.train.micro_batch_size = 8 // split
@@ -129,7 +130,7 @@ def test_ce_loss_runs_the_head_only_on_counted_positions_and_equals_full_ce(
 
     from potstill.core.models import load_tokenizer
     from potstill.distill.train.data import prepare_data
-    from potstill.distill.train.recipe import load_student
+    from potstill.distill.train.models import load_student
 
     cfg = tiny_cfg(tmp_path / "h", **{"data.packing": False, "loss.ce_weight": 1.0})
     tok = load_tokenizer(cfg.teacher.spec)
@@ -192,7 +193,7 @@ def test_train_top_layers_freezes_everything_below(tmp_path: Path) -> None:
     assert moved and all(k.startswith(("model.layers.1.", "model.norm.")) for k in moved)
     assert "model.embed_tokens.weight" not in moved
     with pytest.raises(PotstillError, match="at most 2"):
-        recipe.freeze_below(_two_layer(first), 3)
+        freeze_below(_two_layer(first), 3)
 
 
 def _two_layer(run: Path) -> torch.nn.Module:

@@ -68,15 +68,18 @@ def antidistill_data(
     """
     import torch
 
-    if source.startswith(("harvest:", "messages:")):
+    from potstill.core.specs import ChatSource, parse_data_source
+
+    parsed = parse_data_source(source)
+    if isinstance(parsed, ChatSource):
         from potstill.distill.data.chat import load_chat_data
 
-        chat = load_chat_data(source, tokenizer, seq_len=seq_len, with_logprobs=False)
+        chat = load_chat_data(parsed, tokenizer, seq_len=seq_len, with_logprobs=False)
         blocks, labels = chat.blocks, chat.labels
     else:
         from potstill.distill.data import load_texts, make_labels, pack_sequences, tokenize_texts
 
-        blocks = pack_sequences(tokenize_texts(load_texts(source), tokenizer), seq_len)
+        blocks = pack_sequences(tokenize_texts(load_texts(parsed), tokenizer), seq_len)
         labels = make_labels(blocks)
     if max_tokens is not None:
         perm = torch.randperm(blocks.shape[0], generator=torch.Generator().manual_seed(seed))
@@ -115,8 +118,12 @@ def _progress(total: int) -> Any:
 
 def _canonical_spec(spec: str) -> str:
     """Paths become absolute (the fit dir is read later from another cwd); others as given."""
-    p = Path(spec).expanduser()
-    return str(p.resolve()) if not spec.startswith("tiny:") and p.exists() else spec.strip()
+    from potstill.core.specs import GgufModel, HFDirModel, parse_model_spec
+
+    parsed = parse_model_spec(spec)
+    if isinstance(parsed, HFDirModel | GgufModel) and parsed.path.exists():
+        return str(parsed.path.resolve())
+    return str(parsed)
 
 
 def cmd_fit_antidistill(args: argparse.Namespace) -> int:

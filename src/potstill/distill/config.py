@@ -13,25 +13,66 @@ Example::
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    ValidationError,
+    model_validator,
+)
 
 from potstill.core.errors import PotstillError
+from potstill.core.specs import (
+    DataSource,
+    ModelSpec,
+    TeacherSpec,
+    parse_data_source,
+    parse_model_spec,
+    parse_teacher_spec,
+)
 
 LossKind = Literal[
     "forward_kl", "reverse_kl", "generalized_jsd", "tvd", "skew_forward_kl", "skew_reverse_kl"
 ]
 
 
+def _parse_with(parse: Callable[[Any], Any]) -> BeforeValidator:
+    """Parse a spec string once, on load; its PotstillError becomes a validation error."""
+
+    def run(value: Any) -> Any:
+        try:
+            return parse(value)
+        except PotstillError as e:
+            raise ValueError(str(e)) from None
+
+    return BeforeValidator(run)
+
+
+# Typed specs (potstill.core.specs): parsed on load, written back as their canonical strings.
+TeacherField = Annotated[
+    TeacherSpec, _parse_with(parse_teacher_spec), PlainSerializer(str, return_type=str)
+]
+ModelField = Annotated[
+    ModelSpec, _parse_with(parse_model_spec), PlainSerializer(str, return_type=str)
+]
+DataField = Annotated[
+    DataSource, _parse_with(parse_data_source), PlainSerializer(str, return_type=str)
+]
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, validate_default=True)
 
 
 class TeacherConfig(_Strict):
-    spec: str = Field(
+    spec: TeacherField = Field(
         "smollm2-135m-instruct",
         description=(
             "Teacher: a model spec (tiny:<seed>[:<L>x<W>], an alias, an HF directory, a .gguf file), "
@@ -50,7 +91,7 @@ class StudentConfig(_Strict):
         "scratch",
         description="Build a fresh Llama from the shape below, or start from `checkpoint`.",
     )
-    checkpoint: str | None = Field(
+    checkpoint: ModelField | None = Field(
         None, description="Model spec to start from when init=checkpoint (HF directory or tiny:)."
     )
     layers: int = Field(4, ge=1, le=64, description="Decoder layers of a scratch student.")
@@ -62,7 +103,7 @@ class StudentConfig(_Strict):
         None, ge=1, description="MLP size; default 8/3 * width, rounded to 64."
     )
     seed: int = Field(0, description="Seed of the scratch student's initialisation.")
-    tokenizer: str | None = Field(
+    tokenizer: ModelField | None = Field(
         None, description="Model spec whose tokenizer the student uses; default: the teacher's."
     )
     train_top_layers: int | None = Field(
@@ -125,11 +166,11 @@ class OptimConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    train: str = Field(
+    train: DataField = Field(
         "shakespeare:train",
         description="Training text source (see potstill.distill.data.load_texts).",
     )
-    eval: str | None = Field(
+    eval: DataField | None = Field(
         "shakespeare:heldout", description="Held-out text source; null = no eval."
     )
     seq_len: int = Field(256, ge=8, le=32768, description="Tokens per training sequence.")

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from potstill.core.errors import PotstillError
+from potstill.core.specs import ChatSource, DataSource, parse_data_source
 from potstill.core.tokenizers import gpt2_byte_table
 
 log = logging.getLogger(__name__)
@@ -184,16 +185,18 @@ def _topk_rows(
     return positions, entries
 
 
-def _examples(source: str) -> list[dict[str, Any]]:
+def _examples(source: str | DataSource) -> list[dict[str, Any]]:
     from potstill.core.messages import read_examples, store_examples
 
-    if source.startswith("harvest:"):
-        return list(store_examples(source.removeprefix("harvest:")))
-    if source.startswith("messages:"):
-        return read_examples(source.removeprefix("messages:"))
-    raise PotstillError(
-        f"bad chat data source {source!r}; use harvest:STORE.sqlite or messages:FILE.jsonl|.parquet"
-    )
+    parsed = parse_data_source(source)
+    if not isinstance(parsed, ChatSource):
+        raise PotstillError(
+            f"bad chat data source {str(parsed)!r}; use harvest:STORE.sqlite or "
+            "messages:FILE.jsonl|.parquet"
+        )
+    if parsed.kind == "harvest":
+        return list(store_examples(parsed.path))
+    return read_examples(parsed.path)
 
 
 def build_chat_data(
@@ -295,14 +298,20 @@ def _targets(
     return HarvestTargets(labels.shape[1], k, rows)
 
 
-def load_chat_data(source: str, tokenizer: Any, *, seq_len: int, with_logprobs: bool) -> ChatData:
+def load_chat_data(
+    source: str | DataSource, tokenizer: Any, *, seq_len: int, with_logprobs: bool
+) -> ChatData:
     """``harvest:STORE.sqlite`` or ``messages:FILE.jsonl|.parquet`` -> :class:`ChatData`.
 
     ``with_logprobs``: attach top-k targets from the records' logprobs (None if there are none).
     Truncations and alignment failures are logged as one warning line.
     """
     data = build_chat_data(
-        _examples(source), tokenizer, seq_len=seq_len, with_logprobs=with_logprobs, where=source
+        _examples(source),
+        tokenizer,
+        seq_len=seq_len,
+        with_logprobs=with_logprobs,
+        where=str(source),
     )
     s = data.stats
     if s["truncated"] or s["dropped"] or s["align_failed"]:

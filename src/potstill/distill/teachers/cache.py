@@ -481,7 +481,7 @@ class CacheTargets:
 
 
 def open_cache_targets(
-    path: str, *, fingerprint: str, tokenizer: Any, seq_len: int
+    path: str | Path, *, fingerprint: str, tokenizer: Any, seq_len: int
 ) -> CacheTargets:
     """Open the cache at ``path`` for a run whose blocks have ``fingerprint``.
 

@@ -12,6 +12,8 @@ if TYPE_CHECKING:
     from torch import Tensor
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from potstill.core.specs import ModelSpec
+
 __all__ = ["HFTeacher"]
 
 
@@ -59,7 +61,7 @@ class HFTeacher:
     @classmethod
     def from_spec(
         cls,
-        spec: str,
+        spec: str | ModelSpec,
         *,
         student_tokenizer: PreTrainedTokenizerBase | None = None,
         student_vocab_size: int | None = None,
@@ -77,12 +79,12 @@ class HFTeacher:
         model, tok = load_model(spec, dtype=dtype)
         if student_tokenizer is not None:
             check_tokenizers_agree(
-                tok, student_tokenizer, teacher_name=spec, student_name=student_name
+                tok, student_tokenizer, teacher_name=str(spec), student_name=student_name
             )
         vocab = cls._model_vocab(model)
         if student_vocab_size is not None:
             vocab = shared_vocab_size(vocab, student_vocab_size, tok)
-        return cls(model, tok, name=spec, vocab_size=vocab)
+        return cls(model, tok, name=str(spec), vocab_size=vocab)
 
     @property
     def device(self) -> torch.device:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from potstill.core.errors import PotstillError
+from potstill.core.specs import CachedTeacher, ChatSource
 from potstill.distill.config import DistillConfig
 
 
@@ -101,7 +102,7 @@ def prepare_data(cfg: DistillConfig, tokenizer: Any, *, world_size: int) -> Trai
 
     dc = cfg.data
     targets: SparseTargets | None = None
-    if dc.train.startswith(("harvest:", "messages:")):
+    if isinstance(dc.train, ChatSource):
         from potstill.distill.data.chat import load_chat_data
 
         chat = load_chat_data(
@@ -114,7 +115,7 @@ def prepare_data(cfg: DistillConfig, tokenizer: Any, *, world_size: int) -> Trai
     need = cfg.train.micro_batch_size * world_size
     if blocks.shape[0] < need:
         raise PotstillError(
-            f"data.train {dc.train!r} gives {blocks.shape[0]} sequences of {dc.seq_len} tokens, fewer than "
+            f"data.train {str(dc.train)!r} gives {blocks.shape[0]} sequences of {dc.seq_len} tokens, fewer than "
             f"one global micro-batch ({need}); add text, or lower data.seq_len / train.micro_batch_size"
         )
     fp = BlockDataset(blocks, mask).fingerprint()
@@ -128,16 +129,16 @@ def prepare_data(cfg: DistillConfig, tokenizer: Any, *, world_size: int) -> Trai
         fingerprint=fp,
         targets=targets,
     )
-    if cfg.teacher.spec.startswith("cache:"):
+    if isinstance(cfg.teacher.spec, CachedTeacher):
         from potstill.distill.teachers.cache import open_cache_targets
 
         data.targets = open_cache_targets(
-            cfg.teacher.spec.removeprefix("cache:"),
+            cfg.teacher.spec.path,
             fingerprint=fp,
             tokenizer=tokenizer,
             seq_len=dc.seq_len,
         )
-    if dc.eval:
+    if dc.eval is not None:
         eblocks, emask = _blocks(load_texts(dc.eval), tokenizer, dc.seq_len, dc.packing)
         data.eval_blocks, data.eval_mask = eblocks[: dc.eval_blocks], emask[: dc.eval_blocks]
     return data

@@ -1,0 +1,114 @@
+"""The models of a run: the tokenizer's source, the student (scratch or checkpoint, with
+its lower layers frozen on request), the teacher (live, or none when the data or a cache
+carries its targets), and the checks that tie them to the loss settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from potstill.core.errors import PotstillError
+from potstill.core.specs import CachedTeacher, ModelSpec, NoTeacher, parse_model_spec
+from potstill.distill.config import DistillConfig
+from potstill.distill.train.student import build_student
+
+
+def load_teacher(cfg: DistillConfig, tokenizer: Any, student_vocab: int) -> Any:
+    spec = cfg.teacher.spec
+    if cfg.loss.ce_weight >= 1.0 or isinstance(spec, NoTeacher | CachedTeacher):
+        return None  # CE alone, or the data carries the teacher's targets
+    from potstill.core.hardware import resolve_dtype
+    from potstill.distill.teachers import HFTeacher
+
+    bf16 = resolve_dtype(cfg.teacher.dtype) == "bfloat16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return HFTeacher.from_spec(
+        spec, student_tokenizer=tokenizer, student_vocab_size=student_vocab, dtype=dtype
+    )
+
+
+def tokenizer_spec(cfg: DistillConfig) -> ModelSpec:
+    """Where the run's tokenizer comes from: student.tokenizer, else the teacher model
+    (for ``cache:DIR``, the teacher recorded in the cache's manifest)."""
+    if cfg.student.tokenizer is not None:
+        return cfg.student.tokenizer
+    spec = cfg.teacher.spec
+    checkpoint = cfg.student.checkpoint if cfg.student.init == "checkpoint" else None
+    if isinstance(spec, CachedTeacher) and checkpoint is None:
+        # A logit cache records the teacher it was made with: its tokenizer is the run's.
+        from potstill.distill.teachers.cache import read_manifest
+
+        return parse_model_spec(str(read_manifest(spec.path)["teacher"]))
+    if isinstance(spec, NoTeacher | CachedTeacher):
+        if checkpoint is not None:
+            return checkpoint
+        raise PotstillError(
+            f"teacher.spec={str(spec)!r} has no tokenizer to build the student with; "
+            "set student.tokenizer=<model spec> (e.g. the teacher's model)"
+        )
+    return spec
+
+
+def load_student(cfg: DistillConfig, tokenizer: Any) -> nn.Module:
+    if cfg.student.init == "scratch":
+        model = build_student(cfg.student, tokenizer, max_len=cfg.data.seq_len)
+    else:
+        from potstill.core.models import load_model
+        from potstill.core.tokenizers import check_tokenizers_agree
+
+        assert cfg.student.checkpoint is not None
+        model, tok = load_model(cfg.student.checkpoint)
+        check_tokenizers_agree(
+            tokenizer,
+            tok,
+            teacher_name=str(cfg.teacher.spec),
+            student_name=str(cfg.student.checkpoint),
+        )
+    if cfg.student.train_top_layers is not None:
+        freeze_below(model, cfg.student.train_top_layers)
+    return model
+
+
+def freeze_below(model: nn.Module, top: int) -> None:
+    """Leave only the top ``top`` decoder layers and the final norm trainable."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise PotstillError(
+            "student.train_top_layers needs a decoder with model.layers (Llama-like); "
+            "unset it to train every parameter"
+        )
+    if top > len(layers):
+        raise PotstillError(
+            f"student.train_top_layers={top} but the student has {len(layers)} layers; "
+            f"use at most {len(layers)}"
+        )
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in list(layers)[len(layers) - top :]:
+        for p in layer.parameters():
+            p.requires_grad_(True)
+    norm = getattr(inner, "norm", None)
+    if norm is not None:
+        for p in norm.parameters():
+            p.requires_grad_(True)
+
+
+def check_sparse_temperature(cfg: DistillConfig, *, sparse: bool) -> None:
+    """Refuse ``loss.temperature != 1`` when the teacher is known only by top-k logprobs.
+
+    Top-k targets (a logit cache, an API's logprobs) are recorded at temperature 1. Tempering
+    the K known tokens is exact (``softmax(l_i / T)`` over them, up to normalisation), but the
+    tail bucket's tempered mass is ``sum_j exp(l_j / T)`` over tokens whose logprobs were never
+    recorded: any value from ``m**(1/T)``-like to 0 fits the same record. Dividing only the
+    student's logits by T, as a dense loss does, would compare a tempered student with an
+    untempered teacher: a silently wrong objective. So T != 1 is an error here.
+    """
+    if sparse and cfg.loss.ce_weight < 1.0 and cfg.loss.temperature != 1.0:
+        raise PotstillError(
+            f"loss.temperature={cfg.loss.temperature} cannot be applied to sparse top-k teacher "
+            "targets: they were recorded at temperature 1 and the tempered mass of the tokens "
+            "outside the top-k is unknown; set loss.temperature=1.0 (or use an online teacher)"
+        )
