@@ -49,8 +49,8 @@ def test_plot_is_a_real_png(tmp_path: Path) -> None:
     data = out.read_bytes()
     assert data[:8] == PNG_MAGIC
     assert len(data) > 10_000
-    # A PNG's IHDR gives width/height: 7.5x4.5 in at 120 dpi.
-    assert int.from_bytes(data[16:20], "big") == 900 and int.from_bytes(data[20:24], "big") == 540
+    # A PNG's IHDR gives width/height: 11x4.5 in at 120 dpi (NLL and terms side by side).
+    assert int.from_bytes(data[16:20], "big") == 1320 and int.from_bytes(data[20:24], "big") == 540
     assert sorted(p.name for p in out.parent.iterdir()) == ["loss.png"]  # no temp files left
     single = plot_loss_curves(a, tmp_path / "one.png", labels=["kd"])
     assert single.read_bytes()[:8] == PNG_MAGIC
@@ -61,6 +61,7 @@ def test_series_places_eval_by_tokens(tmp_path: Path) -> None:
     s = _series(p)
     assert s.x_key == "tokens"
     assert s.train_x[:2] == [10 * 2048, 20 * 2048] and len(s.train_y) == 20
+    assert s.train_ce == [3.0] * 20 and s.train_kd == [0.5] * 20  # the terms, kept apart
     # Eval lines have only "step": mapped through the train lines' step -> tokens.
     assert s.eval_x == [50 * 2048, 100 * 2048, 150 * 2048, 200 * 2048]
     assert s.eval_y[0] == pytest.approx(1.2 + 3 * math.exp(-1.0))
@@ -72,6 +73,7 @@ def test_series_places_eval_by_tokens(tmp_path: Path) -> None:
     q = write_run(tmp_path / "q" / "metrics.jsonl", decay=0.02, with_tokens=False)
     sq = _series(q)
     assert sq.x_key == "step" and sq.eval_x == [50, 100, 150, 200]
+    assert sq.train_ce == [None] * 20  # no terms logged: the plot falls back to the objective
     # Mixed runs fall back to steps for both and still plot.
     out = plot_loss_curves([p, q], tmp_path / "mixed.png")
     assert out.read_bytes()[:8] == PNG_MAGIC

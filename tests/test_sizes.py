@@ -14,12 +14,6 @@ REPO = Path(__file__).resolve().parents[1]
 MAX_FILE, MAX_FUNC = 600, 80
 
 KNOWN = {
-    "src/potstill/cli/serve.py::register": 84,
-    "src/potstill/core/prompts.py": 612,
-    "src/potstill/demo.py::run_demo": 90,
-    "src/potstill/distill/train/recipe.py::run_distill": 97,
-    "src/potstill/distill/train/recipe.py::_train_loop": 90,
-    "src/potstill/serve/engine.py": 672,
     "benchmarks/antidistill.py": 911,
     "benchmarks/kd_throughput.py": 649,
     "benchmarks/kd_throughput.py::main": 198,

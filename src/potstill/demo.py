@@ -68,13 +68,20 @@ def demo_configs(s: dict[str, Any], out: Path) -> tuple[DistillConfig, DistillCo
         "teacher": {"spec": s["teacher"], "dtype": s["teacher_dtype"]},
         "student": {"layers": s["student_layers"], "width": s["student_width"], "seed": 0},
         "optim": {"lr": 2e-3, "warmup_steps": 10, "min_lr_ratio": 0.1, "weight_decay": 0.1},
-        "data": {"train": s["train"], "eval": None, "seq_len": s["seq_len"], "packing": True},
+        # held-out NLL every 5 steps on 8 blocks: the curve both students share
+        "data": {
+            "train": s["train"],
+            "eval": s["heldout"],
+            "eval_blocks": 8,
+            "seq_len": s["seq_len"],
+            "packing": True,
+        },
         "train": {
             "steps": s["steps"],
             "micro_batch_size": s["micro_batch_size"],
             "grad_accum": 1,
             "seed": 0,
-            "eval_every": 0,
+            "eval_every": 5,
             "save_every": 20,
             "log_every": 1,
         },
@@ -131,30 +138,9 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     console.print(to_markdown(result))
     del teacher_model
 
-    extra_md, blackbox, figures_bb = "", None, []
+    extra_md, figures_bb = "", []
     if settings.blackbox:
-        from potstill.demo_blackbox import BLACKBOX_DEFAULTS, run_blackbox
-
-        console.rule("[bold]black box: serve a watermarked teacher, harvest it, distill, audit")
-        bb_settings = {
-            **BLACKBOX_DEFAULTS,
-            "control_text": s["train"],
-            **settings.blackbox_overrides,
-        }
-        bb = run_blackbox(
-            out / "blackbox",
-            teacher=s["teacher"],
-            student_init=out / "distilled" / "student",
-            baseline=out / "baseline" / "student",
-            settings=bb_settings,
-            console=console,
-        )
-        timings.update(bb.timings)
-        blackbox = asdict(bb)
-        result["blackbox"] = blackbox
-        extra_md = _blackbox_markdown(bb, bb_settings)
-        console.print(extra_md)
-        figures_bb = [_pvalue_figure(bb, bb_settings, out / "audit_pvalues.png")]
+        extra_md, figures_bb = _blackbox_part(settings, s, console, timings, result)
     timings["total_s"] = round(time.perf_counter() - t_start, 1)
     result["timings"] = timings
 
@@ -186,6 +172,34 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         )
     console.print(f"report: {out / 'report.md'}  ({timings['total_s']:.0f}s in all)")
     return {"result": result, "settings": asdict(settings) | {"out_dir": str(out)}}
+
+
+def _blackbox_part(
+    settings: DemoSettings,
+    s: dict[str, Any],
+    console: Any,
+    timings: dict[str, float],
+    result: dict[str, Any],
+) -> tuple[str, list[Path]]:
+    """Serve, harvest, distill a thief, audit; adds its timings and result to the demo's."""
+    from potstill.demo_blackbox import BLACKBOX_DEFAULTS, run_blackbox
+
+    out = settings.out_dir
+    console.rule("[bold]black box: serve a watermarked teacher, harvest it, distill, audit")
+    bb_settings = {**BLACKBOX_DEFAULTS, "control_text": s["train"], **settings.blackbox_overrides}
+    bb = run_blackbox(
+        out / "blackbox",
+        teacher=s["teacher"],
+        student_init=out / "distilled" / "student",
+        baseline=out / "baseline" / "student",
+        settings=bb_settings,
+        console=console,
+    )
+    timings.update(bb.timings)
+    result["blackbox"] = asdict(bb)
+    extra_md = _blackbox_markdown(bb, bb_settings)
+    console.print(extra_md)
+    return extra_md, [_pvalue_figure(bb, bb_settings, out / "audit_pvalues.png")]
 
 
 def _pvalue_figure(bb: Any, s: dict[str, Any], path: Path) -> Path:

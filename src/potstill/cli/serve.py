@@ -49,6 +49,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="weight dtype (bfloat16: faster decoding where the hardware runs bf16 natively, "
         "bf16-rounded logprobs; auto: bfloat16 only there)",
     )
+    _add_defence_args(s)
+    from potstill.defend.cli import add_serve_args  # defense flags (argparse-level import)
+
+    add_serve_args(s)
+    s.set_defaults(func=cmd_serve)
+
+
+def _add_defence_args(s: argparse.ArgumentParser) -> None:
+    """The watermark, antidistillation and logprob-exposure flags of ``serve``."""
     w = s.add_argument_group("watermark (keyed, on every sampled completion)")
     w.add_argument(
         "--watermark", choices=("kgw", "gumbel"), default=None, help="scheme; default none"
@@ -90,10 +99,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="write the serving settings (watermark scheme, params, key id) here; "
         "default: AUDIT_LOG.meta.json when --audit-log is set",
     )
-    from potstill.defend.cli import add_serve_args  # defense flags (argparse-level import)
-
-    add_serve_args(s)
-    s.set_defaults(func=cmd_serve)
 
 
 def _keys(args: argparse.Namespace) -> tuple[str, ...]:

@@ -45,12 +45,18 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from potstill.serve.events import (
+    EngineStats,
+    Event,
+    RequestGroup,
+    SamplingParams,
+    TokenLogprob,
+    _Row,
+)
 from potstill.serve.sampling import (
     DecodeRows,
-    LogitsProcessor,
     TokenText,
     apply_processors,
     find_stop,
@@ -82,96 +88,6 @@ LOGPROB_FLOOR = -9999.0
 #: At most this many bytes of fp32 logits live at once while echoed prompt logprobs are
 #: computed (one prefill chunk: rows x chunk positions x vocabulary x 4 bytes).
 ECHO_LOGITS_BYTES = 64 * 2**20
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per-request sampling settings (validated by the HTTP layer).
-
-    ``logprobs``: None = no logprobs; k >= 0 = report the chosen token's logprob and the
-    top ``k``. ``echo_logprobs``: also report logprobs of the prompt tokens (of the model:
-    processors do not run on prompt positions). ``served_logprobs``: report logprobs after the
-    processors (the defended distribution) rather than the raw model's.
-    """
-
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    logprobs: int | None = None
-    echo_logprobs: bool = False
-    processors: tuple[LogitsProcessor, ...] = ()
-    served_logprobs: bool = True
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """One position: the token, its logprob (None for the first prompt token), top-k."""
-
-    token_id: int
-    logprob: float | None
-    top: list[tuple[int, float]]
-    offset: int = 0  # char offset of the token in its text (completion, or prompt)
-
-
-@dataclass
-class Event:
-    """What the worker tells a request about one choice: new text, newly released
-    logprobs, and at the end ``finish_reason`` (or ``error``) with the token count."""
-
-    index: int
-    text: str = ""
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    prompt_logprobs: list[TokenLogprob] | None = None
-    finish_reason: str | None = None
-    completion_tokens: int = 0
-    error: str | None = None
-
-
-@dataclass
-class EngineStats:
-    """Counters shown on /health. ``max_batch_seen``: most rows in one decode step."""
-
-    requests: int = 0
-    decode_steps: int = 0
-    generated_tokens: int = 0
-    max_batch_seen: int = 0
-    failures: int = 0
-
-
-class RequestGroup:
-    """Handle of one submitted prompt (``n`` choices); :meth:`cancel` drops its rows."""
-
-    def __init__(
-        self, prompt_ids: list[int], params: SamplingParams, indices: Sequence[int], sink: Any
-    ) -> None:
-        self.prompt_ids = prompt_ids
-        self.params = params
-        self.indices = list(indices)
-        self.sink: Callable[[Event], None] = sink
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-@dataclass
-class _Row:
-    """State of one generating sequence (one choice)."""
-
-    group: RequestGroup
-    index: int
-    generator: torch.Generator
-    key: int = 0  # unique for the engine's life: what batched processors key their state on
-    ids: list[int] = field(default_factory=list)  # generated, stop token excluded
-    n_sampled: int = 0  # tokens sampled, stop token included
-    text: str = ""
-    emitted: int = 0  # chars of text already sent
-    offsets: list[int] = field(default_factory=list)  # char offset of each token in text
-    lps: list[TokenLogprob] = field(default_factory=list)
-    released: int = 0  # tokens whose logprobs were sent
-    done: bool = False
 
 
 class Engine:

@@ -14,7 +14,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from potstill.serve.engine import Event, RequestGroup, TokenLogprob
+from potstill.serve.events import Event, RequestGroup, TokenLogprob
 from potstill.serve.protocol import APIError
 from potstill.serve.sampling import TokenText
 

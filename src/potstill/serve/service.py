@@ -22,7 +22,8 @@ from fastapi.responses import JSONResponse
 from potstill.core import __version__
 from potstill.serve.audit import AUDIT_FIELDS, AuditLog, prompt_sha256
 from potstill.serve.auth import KeyRing, RateLimiter
-from potstill.serve.engine import Engine, Event, SamplingParams
+from potstill.serve.engine import Engine
+from potstill.serve.events import Event, SamplingParams
 from potstill.serve.jobs import Job, Prompt, chat_logprobs, collect, completion_logprobs, sse
 from potstill.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from potstill.serve.sampling import LogitsProcessor

@@ -59,6 +59,9 @@ class _Series:
     x_key: str
     train_x: list[float] = field(default_factory=list)
     train_y: list[float] = field(default_factory=list)
+    # the objective's terms, per training line (None where a line does not log the term)
+    train_ce: list[float | None] = field(default_factory=list)
+    train_kd: list[float | None] = field(default_factory=list)
     eval_x: list[float] = field(default_factory=list)
     eval_y: list[float] = field(default_factory=list)
 
@@ -97,6 +100,8 @@ def _series(path: Path, x_key: str | None = None) -> _Series:
             raise PotstillError(f"{path}:{n}: training line has no {x_key!r}; fix that line")
         s.train_x.append(_num(path, n, r, x_key))
         s.train_y.append(_num(path, n, r, "loss"))
+        s.train_ce.append(_num(path, n, r, "ce") if r.get("ce") is not None else None)
+        s.train_kd.append(_num(path, n, r, "kd") if r.get("kd") is not None else None)
     # step -> tokens map from the training lines, to place eval lines without tokens.
     logged = [(n, r) for n, r in train if "step" in r and "tokens" in r]
     steps = np.array([_num(path, n, r, "step") for n, r in logged], dtype=float)
@@ -129,11 +134,14 @@ def plot_loss_curves(
     labels: list[str] | None = None,
     title: str | None = None,
 ) -> Path:
-    """Plot training loss (lines) and eval NLL (markers) of one or more runs.
+    """Held-out NLL of one or more runs on one axis, and their training terms on another.
 
-    The x axis is training tokens when every training line of every run has
-    ``tokens`` (eval lines without ``tokens`` are placed by their ``step``),
-    otherwise the step. Each run gets one colour. Writes ``out_png``
+    Left: eval NLL (nats per token), the one number every run shares whatever its objective.
+    Right: the objective's terms, CE (solid) and KD (dashed) drawn apart; a mixed "loss" of
+    different objectives is never drawn on one axis (a run whose lines log neither term falls
+    back to its objective, labelled as such). The x axis is training tokens when every
+    training line of every run has ``tokens`` (eval lines without ``tokens`` are placed by
+    their ``step``), otherwise the step. Each run gets one colour. Writes ``out_png``
     atomically and returns it. ``labels`` default to the run directory names.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -156,30 +164,38 @@ def plot_loss_curves(
     if x_key == "step":  # some run lacks token counts: put every run on steps
         series = [_series(p, "step") for p in paths]
 
-    fig = Figure(figsize=(7.5, 4.5), dpi=120)
+    fig = Figure(figsize=(11, 4.5), dpi=120)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    nll, terms = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     for i, (name, s) in enumerate(zip(names, series)):
         color = f"C{i % 10}"
-        if s.train_x:
-            ax.plot(s.train_x, s.train_y, color=color, linewidth=1.4, label=f"{name}: train loss")
         if s.eval_x:
-            ax.plot(
-                s.eval_x,
-                s.eval_y,
-                color=color,
-                linestyle="none",
-                marker="o",
-                markersize=5,
-                markeredgecolor="black",
-                label=f"{name}: eval NLL",
-            )
-    ax.set_xlabel("training tokens" if x_key == "tokens" else "step")
-    ax.set_ylabel("loss / NLL (nats per token)")
-    ax.set_title(title or "Training loss")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+            nll.plot(s.eval_x, s.eval_y, color=color, marker="o", markersize=4, label=name)
+        _plot_terms(terms, name, s, color)
+    xlabel = "training tokens" if x_key == "tokens" else "step"
+    nll.set(xlabel=xlabel, ylabel="held-out NLL (nats per token)", title="held-out NLL")
+    if not any(s.eval_x for s in series):
+        nll.text(0.5, 0.5, "no eval lines (data.eval unset)", ha="center", transform=nll.transAxes)
+    terms.set(xlabel=xlabel, ylabel="nats per token", title="training terms: CE and KD")
+    for ax in (nll, terms):
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.suptitle(title or "Training curves")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return atomic_write_bytes(out_png, buf.getvalue())
+
+
+def _plot_terms(ax: Any, name: str, s: _Series, color: str) -> None:
+    """CE solid, KD dashed; the objective itself only when a run logs neither term."""
+    drawn = False
+    for values, style, term in ((s.train_ce, "-", "CE"), (s.train_kd, "--", "KD")):
+        pts = [(x, v) for x, v in zip(s.train_x, values) if v is not None]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, color=color, linestyle=style, linewidth=1.3, label=f"{name}: {term}")
+            drawn = True
+    if not drawn and s.train_x:
+        ax.plot(s.train_x, s.train_y, color=color, linestyle=":", label=f"{name}: objective")

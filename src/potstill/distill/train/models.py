@@ -112,3 +112,15 @@ def check_sparse_temperature(cfg: DistillConfig, *, sparse: bool) -> None:
             "targets: they were recorded at temperature 1 and the tempered mass of the tokens "
             "outside the top-k is unknown; set loss.temperature=1.0 (or use an online teacher)"
         )
+
+
+def check_teacher_signal(cfg: DistillConfig, *, live: bool, sparse: bool) -> None:
+    """A KD term needs a teacher signal (a live teacher, or top-k targets in the data or a
+    cache), and sparse targets need the temperature they were taken at."""
+    if not live and not sparse and cfg.loss.ce_weight < 1.0:
+        raise PotstillError(
+            f"loss.ce_weight={cfg.loss.ce_weight} asks for a KD term but "
+            f"teacher.spec={str(cfg.teacher.spec)!r} gives no teacher signal; use a teacher "
+            "model or cache:DIR, data with top-k logprobs, or loss.ce_weight=1.0 for plain SFT"
+        )
+    check_sparse_temperature(cfg, sparse=sparse)

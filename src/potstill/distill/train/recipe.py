@@ -47,7 +47,7 @@ from potstill.distill.train.checkpoint import (
 )
 from potstill.distill.train.data import TrainData, prepare_data
 from potstill.distill.train.models import (
-    check_sparse_temperature,
+    check_teacher_signal,
     load_student,
     load_teacher,
     tokenizer_spec,
@@ -241,13 +241,7 @@ def run_distill(
     teacher = load_teacher(cfg, tokenizer, vocab)
     if teacher is not None:
         teacher.to(acc.device)
-    if teacher is None and data.targets is None and cfg.loss.ce_weight < 1.0:
-        raise PotstillError(
-            f"loss.ce_weight={cfg.loss.ce_weight} asks for a KD term but teacher.spec={str(cfg.teacher.spec)!r} "
-            "gives no teacher signal; use a teacher model or cache:DIR, data with top-k logprobs, "
-            "or loss.ce_weight=1.0 for plain SFT"
-        )
-    check_sparse_temperature(cfg, sparse=data.targets is not None)
+    check_teacher_signal(cfg, live=teacher is not None, sparse=data.targets is not None)
     config_dict = json.loads(json.dumps(cfg.model_dump(mode="json")))
     config_dict.pop("out_dir")
     resume_from = (
@@ -255,16 +249,7 @@ def run_distill(
     )
 
     # 2. Model, optimizer, schedule.
-    model = HiddenLM(student)
-    optimizer = make_optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio)
-    )
-    # The scheduler is NOT passed through accelerate.prepare: accelerate steps a
-    # prepared scheduler once per process per step (it assumes sharded epochs),
-    # which would make the LR schedule depend on the number of processes.
-    model, optimizer = acc.prepare(model, optimizer)
-    acc.register_for_checkpointing(sched)
+    model, optimizer, sched = _prepare(acc, cfg, student)
     progress = Progress(
         step=0, tokens=0, micro_batches=0, world_size=acc.num_processes, config=config_dict
     )
@@ -279,23 +264,12 @@ def run_distill(
     acc.wait_for_everyone()
 
     # 3. The loop.
-    _train_loop(
-        cfg,
-        acc,
-        model,
-        optimizer,
-        sched,
-        teacher,
-        data,
-        progress,
-        out,
-        stop_after=stop_after,
-        show_progress=show_progress,
-    )
+    _train_loop(cfg, acc, model, optimizer, sched, teacher, data, progress, out,
+                stop_after=stop_after, show_progress=show_progress)  # fmt: skip
     if stop_after is not None and progress.step < cfg.train.steps:
         return out
 
-    # 5. Outputs.
+    # 4. Outputs.
     acc.wait_for_everyone()
     if acc.is_main_process:
         unwrapped = acc.unwrap_model(model).lm
@@ -305,6 +279,21 @@ def run_distill(
         _plot(out)
     acc.wait_for_everyone()
     return out
+
+
+def _prepare(acc: Any, cfg: DistillConfig, student: nn.Module) -> tuple[Any, Any, Any]:
+    """(model, optimizer, scheduler), the first two prepared by accelerate."""
+    model = HiddenLM(student)
+    optimizer = make_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(cfg.optim.warmup_steps, cfg.train.steps, cfg.optim.min_lr_ratio)
+    )
+    # The scheduler is NOT passed through accelerate.prepare: accelerate steps a
+    # prepared scheduler once per process per step (it assumes sharded epochs),
+    # which would make the LR schedule depend on the number of processes.
+    model, optimizer = acc.prepare(model, optimizer)
+    acc.register_for_checkpointing(sched)
+    return model, optimizer, sched
 
 
 def _train_loop(
@@ -351,14 +340,7 @@ def _train_loop(
         total, ce, kd = (float(x) / max(1, n_tokens) for x in sums[:3].cpu())
         if not (math.isfinite(total) and math.isfinite(float(sums[3]))):
             optimizer.zero_grad(set_to_none=True)
-            last = list_checkpoints(out / "checkpoints")
-            where = (
-                f"last good checkpoint: {last[-1][1]}" if last else "no checkpoint was written yet"
-            )
-            raise TrainingDiverged(
-                f"loss became non-finite ({total if not math.isfinite(total) else float(sums[3])}) at step {progress.step + 1}; the update was not "
-                f"applied; {where}. Lower optim.lr, keep optim.grad_clip on, or disable train.bf16"
-            )
+            _diverged(total if not math.isfinite(total) else float(sums[3]), progress, out)
         grad_norm = (
             acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
             if cfg.optim.grad_clip
@@ -373,17 +355,11 @@ def _train_loop(
         progress.tokens += n_tokens
         elapsed = time.perf_counter() - t0
         if acc.is_main_process and (progress.step % tc.log_every == 0 or progress.step == tc.steps):
-            row = {
-                "split": "train",
-                "step": progress.step,
-                "tokens": progress.tokens,
-                "loss": total,
-                "ce": ce,
-                "kd": kd if (teacher is not None or data.targets is not None) else None,
-                "lr": lr,
-                "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "tok_per_s": (progress.tokens - tokens0) / max(elapsed, 1e-9),
-            }
+            has_kd = teacher is not None or data.targets is not None
+            row = {"split": "train", "step": progress.step, "tokens": progress.tokens,
+                   "loss": total, "ce": ce, "kd": kd if has_kd else None, "lr": lr,
+                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                   "tok_per_s": (progress.tokens - tokens0) / max(elapsed, 1e-9)}  # fmt: skip
             _append_metrics(metrics_path, row)
         if bar is not None:
             bar.update(progress.step, loss=total)
@@ -397,6 +373,15 @@ def _train_loop(
             break
     if bar is not None:
         bar.close()
+
+
+def _diverged(value: float, progress: Progress, out: Path) -> None:
+    last = list_checkpoints(out / "checkpoints")
+    where = f"last good checkpoint: {last[-1][1]}" if last else "no checkpoint was written yet"
+    raise TrainingDiverged(
+        f"loss became non-finite ({value}) at step {progress.step + 1}; the update was not "
+        f"applied; {where}. Lower optim.lr, keep optim.grad_clip on, or disable train.bf16"
+    )
 
 
 class _null:
