@@ -17,11 +17,13 @@ from typing import TYPE_CHECKING, Any
 from potstill.core.errors import PotstillError
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
     "check_tokenizers_agree",
     "gpt2_byte_table",
+    "logit_width",
+    "real_vocab_size",
     "shared_vocab_size",
     "tokenizer_fingerprint",
 ]
@@ -101,6 +103,20 @@ def check_tokenizers_agree(
         "Logit KD needs the same tokenizer: build the student with the teacher's tokenizer "
         "(student from_scratch uses it) or pick a teacher of the same family."
     )
+
+
+def logit_width(model: PreTrainedModel) -> int:
+    """The number of logits ``model`` outputs: its output head's rows (config.vocab_size if
+    it has none). Checkpoints pad it past ``len(tokenizer)``."""
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.config.vocab_size)
+
+
+def real_vocab_size(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
+    """Number of logits that name real tokens: ``min(len(tokenizer), logit width)``."""
+    return min(len(tokenizer), logit_width(model))
 
 
 def shared_vocab_size(

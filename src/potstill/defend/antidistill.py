@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from potstill.core.errors import PotstillError
+from potstill.core.tokenizers import logit_width
 
 if TYPE_CHECKING:
     import torch
@@ -285,11 +286,6 @@ def _shifted_copy(
     return model
 
 
-def _logit_width(model: PreTrainedModel) -> int:
-    head = model.get_output_embeddings()
-    return int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
-
-
 class AntidistillPerturbation:
     """The two shifted proxies ``theta +- eps g`` (fp32, eval, no grad) and the finite difference.
 
@@ -315,7 +311,7 @@ class AntidistillPerturbation:
         self.eps = float(eps)
         self.plus = _shifted_copy(proxy, grads, self.eps, device)
         self.minus = _shifted_copy(proxy, grads, -self.eps, device)
-        self.vocab_size = _logit_width(self.plus)
+        self.vocab_size = logit_width(self.plus)
         params = inspect.signature(self.plus.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
 

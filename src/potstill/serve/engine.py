@@ -47,6 +47,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from potstill.core.tokenizers import real_vocab_size
 from potstill.serve.events import (
     EngineStats,
     Event,
@@ -60,7 +61,6 @@ from potstill.serve.sampling import (
     TokenText,
     apply_processors,
     find_stop,
-    real_vocab_size,
     sample_batch,
     stop_holdback,
     stop_token_ids,

@@ -10,7 +10,7 @@ Which logprobs are reported (raw or after the processors) is the engine's choice
 
 Padded vocabularies: checkpoints often have more logits than tokens (tiny models: 320
 logits, 260 tokens). Rows past ``len(tokenizer)`` can never be decoded, so both sampling
-and logprobs use only the first ``vocab_size`` logits (see :func:`real_vocab_size`).
+and logprobs use only the first ``vocab_size`` logits (see :func:`potstill.core.tokenizers.real_vocab_size`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ __all__ = [
     "TokenText",
     "apply_processors",
     "find_stop",
-    "real_vocab_size",
     "sample_batch",
     "sample_token",
     "stop_holdback",
@@ -90,13 +89,6 @@ class LogitsProcessor(Protocol):
     """
 
     def __call__(self, rows: DecodeRows, scores: Tensor) -> Tensor: ...
-
-
-def real_vocab_size(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> int:
-    """Number of logits that name real tokens: ``min(len(tokenizer), logit width)``."""
-    head = model.get_output_embeddings()
-    width = int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
-    return min(len(tokenizer), width)
 
 
 def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:

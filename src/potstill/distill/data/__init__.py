@@ -7,8 +7,7 @@ The packing names need torch and are imported lazily, so
 
 from __future__ import annotations
 
-from typing import Any
-
+from potstill.core.lazy import lazy_exports
 from potstill.distill.data.corpus import (
     cache_root,
     fetch_shakespeare,
@@ -19,14 +18,10 @@ from potstill.distill.data.corpus import (
 )
 from potstill.distill.data.synthetic import synthetic_texts
 
-_LAZY = {
-    "BlockDataset",
-    "IGNORE_INDEX",
-    "make_labels",
-    "pack_sequences",
-    "pad_sequences",
-    "tokenize_texts",
-}
+# The packing names need torch: imported on first use.
+_EXPORTS = {name: "packing" for name in (
+    "BlockDataset", "IGNORE_INDEX", "make_labels", "pack_sequences", "pad_sequences", "tokenize_texts",
+)}  # fmt: skip
 
 __all__ = [
     "IGNORE_INDEX",
@@ -45,9 +40,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        from potstill.distill.data import packing
-
-        return getattr(packing, name)
-    raise AttributeError(f"module 'potstill.distill.data' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -49,6 +49,7 @@ from torch import Tensor
 
 from potstill.core.errors import PotstillError
 from potstill.core.io import atomic_write_json
+from potstill.core.tokenizers import logit_width
 
 FORMAT = "potstill-logit-cache/1"
 MANIFEST = "manifest.json"
@@ -332,8 +333,7 @@ def write_cache(job: CacheJob, *, log: Callable[[str], None] = print) -> dict[st
     state = PartialState()
     model, tok = load_model(job.teacher)
     model = model.eval().requires_grad_(False).to(state.device)
-    head = model.get_output_embeddings()
-    model_vocab = int(head.weight.shape[0]) if head is not None else int(model.config.vocab_size)
+    model_vocab = logit_width(model)
     # Cut to the width a scratch student built from this tokenizer has, so cached ids
     # always index the student's logits (real models: equal to len(tokenizer) or more).
     vocab = min(model_vocab, padded_vocab_size(len(tok)))

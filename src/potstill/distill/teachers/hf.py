@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from potstill.core.errors import PotstillError
-from potstill.core.tokenizers import check_tokenizers_agree, shared_vocab_size
+from potstill.core.tokenizers import check_tokenizers_agree, logit_width, shared_vocab_size
 
 if TYPE_CHECKING:
     import torch
@@ -36,7 +36,7 @@ class HFTeacher:
         name: str,
         vocab_size: int | None = None,
     ) -> None:
-        model_vocab = self._model_vocab(model)
+        model_vocab = logit_width(model)
         if vocab_size is None:
             vocab_size = model_vocab
         if not 0 < vocab_size <= model_vocab:
@@ -50,13 +50,6 @@ class HFTeacher:
         self.tokenizer = tokenizer
         self.name = name
         self.vocab_size = vocab_size
-
-    @staticmethod
-    def _model_vocab(model: PreTrainedModel) -> int:
-        head = model.get_output_embeddings()
-        if head is not None and getattr(head, "weight", None) is not None:
-            return int(head.weight.shape[0])
-        return int(model.config.vocab_size)
 
     @classmethod
     def from_spec(
@@ -81,7 +74,7 @@ class HFTeacher:
             check_tokenizers_agree(
                 tok, student_tokenizer, teacher_name=str(spec), student_name=student_name
             )
-        vocab = cls._model_vocab(model)
+        vocab = logit_width(model)
         if student_vocab_size is not None:
             vocab = shared_vocab_size(vocab, student_vocab_size, tok)
         return cls(model, tok, name=str(spec), vocab_size=vocab)
