@@ -82,7 +82,7 @@ def test_series_places_eval_by_tokens(tmp_path: Path) -> None:
 def test_malformed_metrics_line(tmp_path: Path) -> None:
     p = tmp_path / "metrics.jsonl"
     p.write_text('{"step": 1, "loss": 2.0}\n\n{"step": 2, "loss": \n')
-    with pytest.raises(PotstillError, match=r"metrics\.jsonl:3: malformed JSON"):
+    with pytest.raises(PotstillError, match=r"metrics\.jsonl:3: not valid JSON"):
         plot_loss_curves(p, tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
     p.write_text('{"step": 1, "loss": 2.0}\n[1, 2]\n')

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from potstill.core.errors import PotstillError
+
 
 def cache_root(cache_dir: Path | None = None) -> Path:
     """The potstill cache root: ``cache_dir``, else ``$POTSTILL_CACHE``, else ``~/.cache/potstill``."""
@@ -23,6 +25,18 @@ def cache_root(cache_dir: Path | None = None) -> Path:
         return Path(cache_dir).expanduser()
     env = os.environ.get("POTSTILL_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "potstill"
+
+
+def jsonl_records(path: str | Path, text: str, *, hint: str) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed value)`` for each non-blank line of ``text`` (the JSONL file
+    ``path``); PotstillError ``"{path}:{n}: not valid JSON (...); {hint}"`` on a bad line."""
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PotstillError(f"{path}:{lineno}: not valid JSON ({e.msg}); {hint}") from None
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, *, mode: int | None = None) -> Path:

@@ -24,7 +24,7 @@ from typing import Any
 
 from potstill.core import store as st
 from potstill.core.errors import PotstillError
-from potstill.core.io import atomic_write_bytes, atomic_write_text
+from potstill.core.io import atomic_write_bytes, atomic_write_text, jsonl_records
 
 META_FIELDS = (
     "key",
@@ -125,18 +125,11 @@ def read_examples(path: str | Path) -> list[dict[str, Any]]:
         return [_check_example(r, f"{path}: row {i}") for i, r in enumerate(rows)]
     if path.suffix.lower() != ".jsonl":
         raise PotstillError(f"messages file {path}: use a .jsonl or .parquet file")
-    out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PotstillError(
-                f"{path}:{lineno}: not valid JSON ({e.msg}); one example per line"
-            ) from e
-        out.append(_check_example(obj, f"{path}:{lineno}"))
-    return out
+    text = path.read_text(encoding="utf-8")
+    return [
+        _check_example(obj, f"{path}:{n}")
+        for n, obj in jsonl_records(path, text, hint="one example per line")
+    ]
 
 
 __all__ = ["export_store", "read_examples", "store_examples"]

@@ -23,12 +23,12 @@ A prompts file (:func:`read_prompts`) is JSONL (objects with ``"prompt"`` (a str
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable
 from pathlib import Path
 
 from potstill.core.errors import PotstillError
+from potstill.core.io import jsonl_records
 from potstill.core.prompt_vocab import (
     AUDIENCES,
     BRAINSTORM,
@@ -270,19 +270,12 @@ def read_prompts(source: str | Path | None) -> list[Messages]:
         ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise PotstillError(f"cannot read prompts file {path} ({e}); check it is UTF-8 text") from e
-    out: list[Messages] = []
-    jsonl = path.suffix.lower() in (".jsonl", ".json")
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        if not jsonl:
-            out.append([{"role": "user", "content": line.strip()}])
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise _bad(path, lineno, f"not valid JSON ({e.msg})") from e
-        out.append(_messages_from_json(obj, path, lineno))
+    if path.suffix.lower() in (".jsonl", ".json"):
+        hint = 'one object per line, {"prompt": "..."} or {"messages": [...]}'
+        records = jsonl_records(path, text, hint=hint)
+        out = [_messages_from_json(obj, path, lineno) for lineno, obj in records]
+    else:
+        out = [[{"role": "user", "content": ln.strip()}] for ln in text.splitlines() if ln.strip()]
     if not out:
         raise PotstillError(f"prompts file {path} has no prompts; add one prompt per line")
     return out

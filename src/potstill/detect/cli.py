@@ -128,11 +128,11 @@ def read_texts(path: str | Path) -> list[list[str]]:
     ``{"messages": [...]}`` gives its assistant turns. Otherwise plain text: records are
     separated by blank lines. PotstillError for a missing/unreadable/empty file.
     """
-    import json
     import re
     from pathlib import Path
 
     from potstill.core.errors import PotstillError
+    from potstill.core.io import jsonl_records
 
     path = Path(path)
     try:
@@ -143,13 +143,8 @@ def read_texts(path: str | Path) -> list[list[str]]:
         raise PotstillError(f"cannot read {path} as UTF-8 text: {e}") from None
     records: list[list[str]] = []
     if path.suffix == ".jsonl" or raw.lstrip().startswith("{"):
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PotstillError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        hint = 'one object per line, {"text": ...} or {"messages": [...]}'
+        for n, obj in jsonl_records(path, raw, hint=hint):
             if isinstance(obj, dict) and isinstance(obj.get("text"), str):
                 records.append([obj["text"]])
             elif isinstance(obj, dict) and isinstance(obj.get("messages"), list):

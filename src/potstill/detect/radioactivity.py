@@ -83,16 +83,9 @@ class Verdicts:
 
 
 @dataclass(frozen=True)
-class RadioactivityResult(Verdicts):
-    """A corpus-level test. Counts trace every tuple from candidate to scored.
-
-    ``n_candidates``: tuples with a full context; minus ``n_excluded_copies`` (open mode:
-    the prediction copies an earlier continuation of the window), ``n_excluded_prompt``
-    (window in the prompts), ``n_filtered_out`` (window not in the filter texts) and
-    ``n_duplicates`` leaves ``n_scored``. KGW: ``n_green`` and ``statistic`` = green rate
-    (``gamma`` under H0); Gumbel: ``score_sum`` and ``statistic`` = that sum (mean
-    ``1`` per tuple under H0). ``settings`` holds every knob and the key id, never the key.
-    """
+class CorpusTest(Verdicts):
+    """What every corpus-level test reports: how its candidates became the scored set,
+    its statistic and its p-value (the soft and the tuple tests add their own fields)."""
 
     mode: str
     scheme: str
@@ -106,6 +99,20 @@ class RadioactivityResult(Verdicts):
     n_scored: int
     statistic: float
     p_value: float
+
+
+@dataclass(frozen=True)
+class RadioactivityResult(CorpusTest):
+    """A corpus-level test. Counts trace every tuple from candidate to scored.
+
+    ``n_candidates``: tuples with a full context; minus ``n_excluded_copies`` (open mode:
+    the prediction copies an earlier continuation of the window), ``n_excluded_prompt``
+    (window in the prompts), ``n_filtered_out`` (window not in the filter texts) and
+    ``n_duplicates`` leaves ``n_scored``. KGW: ``n_green`` and ``statistic`` = green rate
+    (``gamma`` under H0); Gumbel: ``score_sum`` and ``statistic`` = that sum (mean
+    ``1`` per tuple under H0). ``settings`` holds every knob and the key id, never the key.
+    """
+
     z: float | None = None
     n_green: int | None = None
     score_sum: float | None = None

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from potstill.core.errors import PotstillError
-from potstill.detect.radioactivity import Verdicts
+from potstill.detect.radioactivity import CorpusTest
 
 if TYPE_CHECKING:
     import numpy as np
@@ -105,7 +105,7 @@ class SoftCorpus:
 
 
 @dataclass(frozen=True)
-class SoftResult(Verdicts):
+class SoftResult(CorpusTest):
     """One soft test. ``statistic``: the green share of the scored mass (gamma under H0).
 
     ``green_mass`` is ``x`` and ``expected_mass`` its null mean; ``n_scored`` distinct windows;
@@ -113,18 +113,6 @@ class SoftResult(Verdicts):
     Chernoff bound and ``log10_p`` stays finite where ``p_value`` underflows.
     """
 
-    mode: str
-    scheme: str
-    n_texts: int
-    n_tokens: int
-    n_candidates: int
-    n_excluded_prompt: int
-    n_excluded_copies: int
-    n_filtered_out: int
-    n_duplicates: int
-    n_scored: int
-    statistic: float
-    p_value: float
     z: float
     p_bound: float
     log10_p: float

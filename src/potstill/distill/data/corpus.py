@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -58,7 +57,7 @@ from pathlib import Path
 from typing import Literal
 
 from potstill.core.errors import PotstillError
-from potstill.core.io import cache_root
+from potstill.core.io import cache_root, jsonl_records
 from potstill.core.specs import (
     DataSource,
     ShakespeareText,
@@ -237,15 +236,8 @@ def _read_utf8(path: Path) -> str:
 
 def _load_jsonl(path: Path) -> list[str]:
     docs: list[str] = []
-    for lineno, line in enumerate(_read_utf8(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PotstillError(
-                f"{path}:{lineno}: not valid JSON ({e.msg}); write one JSON object per line"
-            ) from e
+    records = jsonl_records(path, _read_utf8(path), hint="write one JSON object per line")
+    for lineno, obj in records:
         if not isinstance(obj, dict) or "text" not in obj:
             raise PotstillError(
                 f'{path}:{lineno}: no "text" field; every line must be an object like '

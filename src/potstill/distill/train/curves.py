@@ -13,7 +13,6 @@ stays light, no display is needed, and a user's interactive backend is untouched
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from potstill.core.errors import PotstillError
-from potstill.core.io import atomic_write_bytes
+from potstill.core.io import atomic_write_bytes, jsonl_records
 
 
 def read_metrics(path: Path) -> list[tuple[int, dict[str, Any]]]:
@@ -39,15 +38,7 @@ def read_metrics(path: Path) -> list[tuple[int, dict[str, Any]]]:
             f"metrics file {path} not found; point at a run's metrics.jsonl"
         ) from None
     out: list[tuple[int, dict[str, Any]]] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PotstillError(
-                f"{path}:{lineno}: malformed JSON ({e.msg}); fix or delete that line"
-            ) from None
+    for lineno, rec in jsonl_records(path, text, hint="fix or delete that line"):
         if not isinstance(rec, dict):
             raise PotstillError(f"{path}:{lineno}: expected a JSON object; fix or delete that line")
         out.append((lineno, rec))
