@@ -23,7 +23,10 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from potstill.distill.config import DistillConfig
 
 BLACKBOX_DEFAULTS: dict[str, Any] = {
     "train_prompts": 96,  # 96 x 64 tokens keeps the whole demo under 10 min with margin
@@ -146,7 +149,6 @@ def _serve_and_harvest(
 
 def _distill_from_harvest(out: Path, student_init: Path, tok: Any, s: dict[str, Any]) -> Any:
     """SFT (+ top-k KD where the API's logprobs map onto our tokenizer) from the harvest."""
-    from potstill.distill.config import DistillConfig
     from potstill.distill.data.chat import load_chat_data
     from potstill.distill.train.recipe import run_distill
 
@@ -158,18 +160,28 @@ def _distill_from_harvest(out: Path, student_init: Path, tok: Any, s: dict[str, 
     )
     quiet.setLevel(level)
     ce_weight = 0.5 if probe.targets is not None else 1.0
-    cfg = DistillConfig.model_validate(
+    cfg = _student_config(
+        out / "student", student_init, f"harvest:{out / 'harvest.sqlite'}", ce_weight, s
+    )
+    run_distill(cfg, resume=True)
+    return probe
+
+
+def _student_config(
+    out: Path, student_init: Path, train: str, ce_weight: float, s: dict[str, Any]
+) -> DistillConfig:
+    """The thief's and the control's run: same start, budget and schedule; only the data
+    (and, with logprobs in the harvest, the KD term) differ."""
+    from potstill.distill.config import DistillConfig
+
+    return DistillConfig.model_validate(
         {
-            "out_dir": str(out / "student"),
+            "out_dir": str(out),
             "teacher": {"spec": "none"},
             "student": {"init": "checkpoint", "checkpoint": str(student_init)},
             "loss": {"kind": "forward_kl", "ce_weight": ce_weight},
             "optim": {"lr": s["lr"], "warmup_steps": 3, "min_lr_ratio": 0.1},
-            "data": {
-                "train": f"harvest:{out / 'harvest.sqlite'}",
-                "eval": None,
-                "seq_len": s["seq_len"],
-            },
+            "data": {"train": train, "eval": None, "seq_len": s["seq_len"]},
             "train": {
                 "steps": s["steps"],
                 "micro_batch_size": s["micro_batch_size"],
@@ -178,8 +190,6 @@ def _distill_from_harvest(out: Path, student_init: Path, tok: Any, s: dict[str, 
             },
         }
     )
-    run_distill(cfg, resume=True)
-    return probe
 
 
 def _control_answers(source: str, n: int, words: int) -> list[str]:
@@ -201,7 +211,6 @@ def _train_control(out: Path, student_init: Path, prompts: list[str], s: dict[st
     import json
 
     from potstill.core.io import atomic_write_text
-    from potstill.distill.config import DistillConfig
     from potstill.distill.train.recipe import run_distill
 
     data = out / "control_data.jsonl"
@@ -215,22 +224,7 @@ def _train_control(out: Path, student_init: Path, prompts: list[str], s: dict[st
             for p, a in zip(prompts, answers)
         ]
         atomic_write_text(data, "\n".join(rows) + "\n")
-    cfg = DistillConfig.model_validate(
-        {
-            "out_dir": str(out / "control"),
-            "teacher": {"spec": "none"},
-            "student": {"init": "checkpoint", "checkpoint": str(student_init)},
-            "loss": {"kind": "forward_kl", "ce_weight": 1.0},
-            "optim": {"lr": s["lr"], "warmup_steps": 3, "min_lr_ratio": 0.1},
-            "data": {"train": f"messages:{data}", "eval": None, "seq_len": s["seq_len"]},
-            "train": {
-                "steps": s["steps"],
-                "micro_batch_size": s["micro_batch_size"],
-                "save_every": 10,
-                "eval_every": 0,
-            },
-        }
-    )
+    cfg = _student_config(out / "control", student_init, f"messages:{data}", 1.0, s)
     run_distill(cfg, resume=True)
 
 
