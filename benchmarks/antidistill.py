@@ -35,7 +35,6 @@ is free, so outputs have slack). Writes ``benchmarks/results/antidistill.json`` 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import math
 import os
@@ -43,7 +42,6 @@ import platform
 import random
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -54,30 +52,34 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from potstill.core.io import atomic_write_json
 from potstill.defend.antidistill import AntidistillPerturbation, fit_antidistill_grad
 from potstill.distill.evaluate.tasks import TaskExample, accuracy, make_examples, reference_output
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _antidistill_report import (
+    antidistill_point,
+    fill_gains,
+    kept_fraction,
+    noise_floor,
+    plot_tradeoff,
+    replicate_analysis,
+    summary,
+    temperature_point,
+    verdict,
+)
+from _antidistill_sampling import REAL_VOCAB, cost_batched, cost_engine, sample_all
+from _antidistill_sampling import sample_batch as sample_batch  # the tests drive it directly
+from _common import make_log, write_result
 from _provenance import provenance
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 TOKENIZER = "tiny:0"  # the byte tokenizer with a ChatML template
-REAL_VOCAB = 260  # tiny tokenizer: 256 bytes + 4 specials (the heads are padded to 320)
 TASK_SYMBOLS = "0123456789+= "  # with <|im_end|>: what a correct answer is made of
-OP_KEYS = (
-    "teacher_task_acc",
-    "teacher_ref_nll",
-    "student_task_acc",
-    "student_task_acc_se",
-    "student_gain_kept_fraction",
-)
 MAX_TEACHER_DROP = 0.05  # the antidistill operating point: teacher accuracy drop <= 5 points
 
 
-def log(msg: str) -> None:
-    print(f"[antidistill {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+log = make_log("antidistill")
 
 
 def settings_for(quick: bool) -> dict[str, Any]:
@@ -182,99 +184,6 @@ def train_lm(s: dict[str, Any], pairs: list[tuple[str, str]], shape: list[int], 
     return model, {"final_train_ce": last["ce"], "train_s": time.perf_counter() - t0}
 
 
-# ----------------------------------------------------------------------------- sampling
-
-
-def encode_prompts(tok: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chat-templated prompts, left-padded: (ids [B, T], attention_mask [B, T])."""
-    tok.padding_side = "left"
-    rendered = [
-        tok.apply_chat_template(
-            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-        )
-        for p in prompts
-    ]
-    enc = tok(rendered, return_tensors="pt", padding=True, add_special_tokens=False)
-    return enc["input_ids"], enc["attention_mask"]
-
-
-def _cache_kw(model: Any) -> str:
-    """The KV-cache keyword of ``model.forward`` (transformers 5 renamed it to ``cache``)."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _cache_of(out: Any) -> Any:
-    return getattr(out, "cache", None) or out.past_key_values
-
-
-def _next_logits(
-    logits: torch.Tensor, delta: torch.Tensor | None, lam: float, temperature: float
-) -> torch.Tensor:
-    """The sampled-from logits [B, REAL_VOCAB]: ``(z + lam * delta) / tau``."""
-    z = logits[:, :REAL_VOCAB].float()
-    if delta is not None:
-        z = z + lam * delta[:, :REAL_VOCAB]
-    return z / temperature if temperature > 0 else z
-
-
-def sample_batch(model: Any, tok: Any, prompts: list[str], max_new: int, *, seed: int,
-                 temperature: float = 1.0, pert: AntidistillPerturbation | None = None,
-                 lam: float = 0.0) -> tuple[list[list[int]], int]:  # fmt: skip
-    """One left-padded KV-cached batch; per row the ids up to (not incl.) the first stop token.
-
-    ``temperature == 0`` is greedy. With ``pert`` (and ``lam``), every step also runs the two
-    shifted proxies incrementally on the same ids and mask, and samples from
-    ``softmax((z + lam * delta) / tau)``. Stops when every row has stopped or at ``max_new``.
-    Returns (rows, n_generated) with n_generated = tokens sampled for live rows (stop incl.).
-    """
-    ids, am = encode_prompts(tok, prompts)
-    stops = torch.tensor([tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")])
-    gen = torch.Generator().manual_seed(seed)
-    pos = (am.cumsum(-1) - 1).clamp(min=0)
-    alive = torch.ones(len(prompts), dtype=torch.bool)
-    rows: list[list[int]] = [[] for _ in prompts]
-    n_gen, past, kw = 0, None, _cache_kw(model)
-    with torch.inference_mode():
-        out = model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=True)
-        delta = None
-        if pert is not None and lam != 0:
-            delta, past = pert(ids, am)
-        for step in range(max_new):
-            z = _next_logits(out.logits[:, -1], delta, lam, temperature)
-            if temperature == 0:
-                nxt = z.argmax(-1, keepdim=True)
-            else:
-                nxt = torch.multinomial(torch.softmax(z, -1), 1, generator=gen)
-            n_gen += int(alive.sum())
-            for i in torch.nonzero(alive & ~torch.isin(nxt[:, 0], stops)).flatten().tolist():
-                rows[i].append(int(nxt[i]))
-            alive &= ~torch.isin(nxt[:, 0], stops)
-            if not bool(alive.any()) or step == max_new - 1:
-                break
-            am = torch.cat([am, torch.ones_like(nxt)], 1)
-            pos = pos[:, -1:] + 1
-            out = model(input_ids=nxt, attention_mask=am, position_ids=pos, use_cache=True,
-                        **{kw: _cache_of(out)})  # fmt: skip
-            if past is not None:
-                delta, past = pert(nxt, am, past)  # type: ignore[misc]
-    return rows, n_gen
-
-
-def sample_all(
-    s: dict[str, Any], model: Any, tok: Any, prompts: list[str], *, seed: int, **kw: Any
-) -> tuple[list[str], int, float]:
-    """:func:`sample_batch` over chunks of ``gen_batch`` prompts -> (texts, tokens, seconds)."""
-    texts: list[str] = []
-    n_tok, t0 = 0, time.perf_counter()
-    for c in range(0, len(prompts), s["gen_batch"]):
-        rows, n = sample_batch(model, tok, prompts[c : c + s["gen_batch"]], s["max_new"],
-                               seed=seed + c, **kw)  # fmt: skip
-        texts += [tok.decode(r, skip_special_tokens=True) for r in rows]
-        n_tok += n
-    return texts, n_tok, time.perf_counter() - t0
-
-
 # ----------------------------------------------------------------------------- proxy, delta
 
 
@@ -358,11 +267,6 @@ def ref_nll(s: dict[str, Any], teacher: Any, tok: Any, pairs: list[tuple[str, st
 # ----------------------------------------------------------------------------- the sweep
 
 
-def kept_fraction(gain: float, ref_gain: float) -> float:
-    """``gain / ref_gain``; NaN when the undefended student gained nothing (undefined)."""
-    return gain / ref_gain if ref_gain > 0 else float("nan")
-
-
 def run_setting(s: dict[str, Any], env: dict[str, Any], work: Path, name: str,
                 setting: dict[str, float], **sampling: Any) -> dict[str, Any]:  # fmt: skip
     """One sweep point, averaged over ``s["replicates"]`` paired replicates: teacher answers
@@ -417,56 +321,6 @@ def student_accuracy(s: dict[str, Any], env: dict[str, Any], model: Any) -> floa
     return accuracy(test, texts)
 
 
-def fill_gains(curve: list[dict[str, Any]], baseline: float, ref_acc: float) -> None:
-    """Add ``student_gain`` and ``student_gain_kept_fraction`` to every point (in place)."""
-    for p in curve:
-        p["student_gain"] = p["student_task_acc"] - baseline
-        p["student_gain_kept_fraction"] = kept_fraction(p["student_gain"], ref_acc - baseline)
-
-
-def antidistill_point(curve: list[dict[str, Any]], max_drop: float) -> dict[str, Any]:
-    """The largest-lambda point whose teacher accuracy is at most ``max_drop`` below lam = 0."""
-    base = curve[0]["teacher_task_acc"]
-    ok = [p for p in curve if base - p["teacher_task_acc"] <= max_drop + 1e-12]
-    best = max(ok, key=lambda p: p["setting"]["lambda"])
-    return {"setting": best["setting"], **{k: best[k] for k in OP_KEYS}, "interpolated": False,
-            "teacher_acc_drop_points": 100 * (base - best["teacher_task_acc"])}  # fmt: skip
-
-
-def temperature_point(curve: list[dict[str, Any]], target: float) -> dict[str, Any]:
-    """The temperature whose teacher accuracy is closest to, not above, ``target``.
-
-    ``curve`` sorted by temperature. If a measured point has exactly ``target``, or the
-    first point is already at or below it, that point; otherwise linear interpolation (in
-    temperature, student accuracy, kept fraction and NLL) on the first segment whose
-    accuracy crosses ``target``. If no point reaches it, the lowest-accuracy point, flagged.
-    """
-    base = curve[0]["teacher_task_acc"]
-    out: dict[str, Any] = {"target_teacher_task_acc": target, "interpolated": False}
-    pick: dict[str, Any] | None = None
-    for lo, hi in zip([None, *curve[:-1]], curve):
-        if hi["teacher_task_acc"] > target:
-            continue
-        if lo is None or hi["teacher_task_acc"] == target:
-            pick = hi
-        else:  # lo above target, hi at or below: interpolate between them
-            w = (lo["teacher_task_acc"] - target) / (
-                lo["teacher_task_acc"] - hi["teacher_task_acc"]
-            )
-            tau = (1 - w) * lo["setting"]["temperature"] + w * hi["setting"]["temperature"]
-            pick = {"setting": {"temperature": tau}}
-            pick.update({k: (1 - w) * lo[k] + w * hi[k] for k in OP_KEYS})
-            out.update(interpolated=True, weight_on_upper=w,
-                       between=[lo["setting"]["temperature"], hi["setting"]["temperature"]])  # fmt: skip
-        break
-    if pick is None:
-        pick = min(curve, key=lambda p: p["teacher_task_acc"])
-        out["target_not_reached"] = True
-    out.update({"setting": pick["setting"], **{k: pick[k] for k in OP_KEYS}})
-    out["teacher_acc_drop_points"] = 100 * (base - pick["teacher_task_acc"])
-    return out
-
-
 def baseline_accuracy(s: dict[str, Any], env: dict[str, Any]) -> float:
     """Greedy test accuracy of the students' inits (the same scratch weights that
     ``run_distill`` builds from ``student.seed + r``), before any distillation; mean over
@@ -481,90 +335,6 @@ def baseline_accuracy(s: dict[str, Any], env: dict[str, Any]) -> float:
         model = build_student(cfg, env["tok"], max_len=s["seq_len"]).eval()
         accs.append(student_accuracy(s, env, model))
     return sum(accs) / len(accs)
-
-
-# ----------------------------------------------------------------------------- cost
-
-
-def cost_batched(
-    s: dict[str, Any], env: dict[str, Any], pert: AntidistillPerturbation, lam: float
-) -> dict[str, Any]:
-    """Seconds per generated token, plain vs antidistill, in :func:`sample_batch` (one batch
-    of ``cost_prompts`` prompts; 3 interleaved repeats each, median)."""
-    prompts = [e.prompt for e in env["examples"]["test"][: s["cost_prompts"]]]
-    runs: dict[str, list[float]] = {"plain": [], "antidistill": []}
-    for rep in range(3):
-        for name, kw in (("plain", {}), ("antidistill", {"pert": pert, "lam": lam})):
-            t0 = time.perf_counter()
-            _, n = sample_batch(env["teacher"], env["tok"], prompts, s["max_new"], seed=rep, **kw)
-            runs[name].append((time.perf_counter() - t0) / n)
-    med = {k: sorted(v)[1] for k, v in runs.items()}
-    return {"batch": len(prompts), "s_per_token_plain": med["plain"],
-            "s_per_token_antidistill": med["antidistill"],
-            "ratio": med["antidistill"] / med["plain"]}  # fmt: skip
-
-
-def _engine_run(engine: Any, prompts: list[list[int]], params: list[Any]) -> tuple[float, int]:
-    """Submit every prompt at once; (wall seconds until all finished, completion tokens)."""
-    from potstill.serve.engine import Event
-
-    done = threading.Semaphore(0)
-    tokens = [0] * len(prompts)
-    errors: list[str] = []
-
-    def sink_for(k: int) -> Any:
-        def sink(ev: Event) -> None:
-            if ev.error:
-                errors.append(ev.error)
-            if ev.finish_reason or ev.error:
-                tokens[k] = ev.completion_tokens
-                done.release()
-
-        return sink
-
-    t0 = time.perf_counter()
-    for k, (p, sp) in enumerate(zip(prompts, params)):
-        engine.submit(p, sp, [0], sink_for(k))
-    for _ in prompts:
-        if not done.acquire(timeout=600):
-            raise RuntimeError("the engine did not finish within 600 s")
-    if errors:
-        raise RuntimeError(f"engine errors: {errors[:3]}")
-    return time.perf_counter() - t0, sum(tokens)
-
-
-def cost_engine(
-    s: dict[str, Any], env: dict[str, Any], pert: AntidistillPerturbation, lam: float
-) -> dict[str, Any]:
-    """Seconds per generated token through ``Engine`` in-process: no processors vs the
-    batched :class:`AntidistillProcessor` (one proxy pass per step for all rows), same prompts
-    and seeds; 2 interleaved repeats each (a fresh processor per repeat)."""
-    from potstill.defend.antidistill_serve import AntidistillProcessor
-    from potstill.serve.engine import Engine, SamplingParams
-
-    tok = env["tok"]
-    ids, am = encode_prompts(tok, [e.prompt for e in env["examples"]["test"]])
-    ids, am = ids[: s["cost_engine_prompts"]], am[: s["cost_engine_prompts"]]
-    prompts = [row[m.bool()].tolist() for row, m in zip(ids, am)]
-    engine = Engine(env["teacher"], tok, model_name="teacher", max_batch=s["cost_max_batch"])
-    engine.start()
-    runs: dict[str, list[float]] = {"plain": [], "antidistill": []}
-    try:
-        for _ in range(2):
-            for name in runs:
-                procs: tuple[Any, ...] = ()
-                if name == "antidistill":
-                    procs = (AntidistillProcessor(pert, lam),)
-                params = [SamplingParams(max_tokens=s["max_new"], temperature=1.0, seed=i,
-                                         processors=procs) for i in range(len(prompts))]  # fmt: skip
-                sec, n = _engine_run(engine, prompts, params)
-                runs[name].append(sec / n)
-    finally:
-        engine.stop()
-    best = {k: min(v) for k, v in runs.items()}
-    return {"requests": len(prompts), "max_batch": s["cost_max_batch"],
-            "s_per_token_plain": best["plain"], "s_per_token_antidistill": best["antidistill"],
-            "ratio": best["antidistill"] / best["plain"]}  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- pipeline
@@ -633,154 +403,6 @@ def replicate_spread(s: dict[str, Any], env: dict[str, Any], work: Path, ref: fl
                         s["student_steps"], work, "student_replicate")  # fmt: skip
     acc = student_accuracy(s, env, model)
     return {"student_task_acc": acc, "abs_diff_vs_undefended": abs(acc - ref)}
-
-
-# ----------------------------------------------------------------------------- report
-
-
-# The analysis of the replicate run, fixed before it ran (committed with this code): the
-# operating point is the previous 3-replicate run's (bias 0.75 nats; temperature 1.1, the
-# interpolated tau at the same -2.2-point teacher accuracy, rounded), the statistic is the
-# per-replicate paired difference of student accuracies (temperature minus antidistill: > 0
-# means antidistillation leaves the student worse off), the test a one-sided paired t-test
-# (H1: mean difference > 0) at alpha 0.05, with a Wilcoxon signed-rank test as a check.
-PREREGISTERED = {"bias_scale": 0.75, "temperature": 1.1, "alpha": 0.05}
-
-
-def replicate_analysis(ad: list[dict[str, Any]], temp: list[dict[str, Any]], base: float) -> dict:
-    """The pre-registered paired comparison (:data:`PREREGISTERED`), or {} when the run lacks
-    its points or has fewer than 2 replicates."""
-    from scipy import stats
-
-    a = next((p for p in ad if p["setting"].get("bias_scale") == PREREGISTERED["bias_scale"]), None)
-    t = next(
-        (p for p in temp if p["setting"].get("temperature") == PREREGISTERED["temperature"]), None
-    )
-    u = next((p for p in ad if p["setting"].get("lambda") == 0), None)
-    if a is None or t is None or u is None or a["replicates"] < 2:
-        return {}
-    ra, rt, ru = (p["student_task_acc_reps"] for p in (a, t, u))
-    diffs = [y - x for x, y in zip(ra, rt)]
-    n = len(diffs)
-    mean = sum(diffs) / n
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
-    half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
-    kept = {name: [kept_fraction(x - base, g - base) for x, g in zip(r, ru)]
-            for name, r in (("antidistill", ra), ("temperature", rt))}  # fmt: skip
-    t_p = float(stats.ttest_rel(rt, ra, alternative="greater").pvalue) if sd > 0 else float("nan")
-    w_p = float(stats.wilcoxon(diffs, alternative="greater").pvalue) if any(diffs) else float("nan")
-    return {
-        "preregistered": PREREGISTERED,
-        "n_replicates": n,
-        "student_acc_reps": {"undefended": ru, "antidistill": ra, "temperature": rt},
-        "teacher_task_acc": {
-            "antidistill": a["teacher_task_acc"],
-            "temperature": t["teacher_task_acc"],
-            "undefended": u["teacher_task_acc"],
-        },
-        "kept_fraction_reps": kept,
-        "mean_difference_temperature_minus_antidistill": mean,
-        "difference_ci95": [mean - half, mean + half],
-        "paired_t_pvalue_one_sided": t_p,
-        "wilcoxon_pvalue_one_sided": w_p,
-        "antidistill_better": bool(t_p < PREREGISTERED["alpha"]),
-    }
-
-
-def noise_floor(replicate_diff: float, acc: float, n_test: int) -> float:
-    """The smallest student-accuracy difference read as real: the larger of the replicate's
-    |difference| and two binomial standard errors of a difference of two accuracies ``acc``
-    measured on ``n_test`` prompts each."""
-    return max(replicate_diff, 2 * math.sqrt(2 * acc * (1 - acc) / n_test))
-
-
-def verdict(ad: dict[str, Any], temp: dict[str, Any], noise: float) -> str:
-    """A sentence computed from the operating points; ``noise`` is :func:`noise_floor` in
-    kept-fraction units (a difference must exceed it to count)."""
-    a, t = ad["student_gain_kept_fraction"], temp["student_gain_kept_fraction"]
-    if not (math.isfinite(a) and math.isfinite(t)):
-        return "undefined: the undefended student gained nothing over its init"
-    if ad["setting"]["lambda"] == 0:
-        return "no antidistill lambda > 0 kept the teacher within 5 points: nothing to compare"
-    head = (
-        f"at matched teacher accuracy ({ad['teacher_task_acc']:.3f} antidistill, "
-        f"{temp['teacher_task_acc']:.3f} temperature) the student kept {a:.2f} of its gain "
-        f"under antidistill vs {t:.2f} under temperature (difference {t - a:+.2f}, noise "
-        f"floor {noise:.2f})"
-    )
-    if t - a > noise:
-        return head + ": antidistillation beats temperature at CPU scale"
-    if a - t > noise:
-        return head + ": temperature beats antidistillation at CPU scale"
-    return head + ": no difference beyond noise at CPU scale"
-
-
-def plot_tradeoff(res: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4))
-    for (method, key, fmt), color in zip(
-        (("antidistill", "bias_scale", "b={:g}"), ("temperature", "temperature", "T={:g}")),
-        ("tab:red", "tab:blue"),
-    ):
-        curve, op = res[method]["curve"], res[method]
-        for ax, xkey in zip(axes, ("teacher_task_acc", "teacher_ref_nll")):
-            xs = [p[xkey] for p in curve]
-            ys = [p["student_gain_kept_fraction"] for p in curve]
-            ref_gain = res["baseline"]["undefended_gain"]
-            err = [p.get("student_task_acc_se", 0.0) / ref_gain if ref_gain > 0 else 0.0
-                   for p in curve]  # fmt: skip
-            ax.errorbar(xs, ys, yerr=err, fmt="o-", color=color, capsize=3,
-                        label=f"{method} (± 1 s.e. over paired replicates)")  # fmt: skip
-            for p, x, y in zip(curve, xs, ys):
-                ax.annotate(fmt.format(p["setting"][key]), (x, y), fontsize=7,
-                            xytext=(3, 3), textcoords="offset points")  # fmt: skip
-            ax.plot([op[xkey]], [op["student_gain_kept_fraction"]], "*", ms=14, color=color,
-                    mec="k", label=f"{method} operating point")  # fmt: skip
-    axes[0].set_xlabel("teacher task accuracy (exact match, sampled)")
-    axes[1].set_xlabel("teacher NLL of held-out references (nats/token)")
-    for ax in axes:
-        ax.set_ylabel("student gain kept (vs undefended)")
-        ax.axhline(1.0, ls="--", c="grey", lw=0.8)
-        ax.legend(fontsize=7)
-    axes[0].invert_xaxis()
-    fig.suptitle("Antidistillation vs temperature: teacher utility vs student utility")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def summary(r: dict[str, Any]) -> None:
-    for method in ("antidistill", "temperature"):
-        for p in r[method]["curve"]:
-            print(f"{method:>11} {json.dumps(p['setting'])}: teacher acc {p['teacher_task_acc']:.3f}, "
-                  f"ref NLL {p['teacher_ref_nll']:.3f}, student acc {p['student_task_acc']:.3f}, "
-                  f"kept {p['student_gain_kept_fraction']:.2f}")  # fmt: skip
-    for method in ("antidistill", "temperature"):
-        op = r[method]
-        print(f"{method} operating point {json.dumps(op['setting'])}: teacher drop "
-              f"{op['teacher_acc_drop_points']:.1f} points, student gain kept "
-              f"{op['student_gain_kept_fraction']:.2f}"
-              f"{' (interpolated)' if op.get('interpolated') else ''}")  # fmt: skip
-    c = r["cost"]
-    print(f"cost per generated token, antidistill / plain: batched loop {c['batched_ratio']:.2f}x, "
-          f"engine {c['engine_ratio']:.2f}x")  # fmt: skip
-    print(f"verdict: {r['verdict']}")
-    print(f"total {r['total_seconds']:.0f}s")
-
-
-def finite_or_none(obj: Any) -> Any:
-    """JSON-safe copy: NaN/inf -> None (strict JSON has no NaN)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [finite_or_none(v) for v in obj]
-    return obj
 
 
 def run(s: dict[str, Any], work: Path) -> dict[str, Any]:
@@ -879,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.out != RESULTS / "antidistill.json"
             else RESULTS / "antidistill_cost.json"
         )
-        atomic_write_json(out, finite_or_none(res))
+        write_result(out, res)
         log(f"wrote {out}")
         return 0
     with tempfile.TemporaryDirectory(prefix="potstill-antidistill-") as tmp:
@@ -901,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     res["provenance"] = provenance(started)
     png = args.out.with_name(args.out.stem + "_tradeoff.png")
     plot_tradeoff(res, png)
-    atomic_write_json(args.out, finite_or_none(res))
+    write_result(args.out, res)
     summary(res)
     log(f"wrote {args.out} and {png}")
     return 0

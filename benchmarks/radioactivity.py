@@ -56,6 +56,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from potstill.core.watermark import KGWProcessor, WatermarkKey, WatermarkParams, detect_text
 from potstill.detect import collect_open_tuples, score_corpus
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import generate, make_log, write_result
+from _radioactivity_report import plot_qq, summary
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 PRINTABLE = list(range(32, 127))  # tiny tokenizer: byte b is token id b
@@ -71,8 +75,7 @@ RHOS = (0.0, 0.01, 0.05, 0.10, 0.5, 1.0)
 KEY = WatermarkKey(b"potstill-radioactivity-benchmark-key!")
 
 
-def log(msg: str) -> None:
-    print(f"[radioactivity {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+log = make_log("radioactivity")
 
 
 def null_key(i: int) -> WatermarkKey:
@@ -129,70 +132,6 @@ class AllowOnly:
         keep = torch.zeros(scores.shape[-1], dtype=torch.bool)
         keep[self.allowed] = True
         return scores.masked_fill(~keep.to(scores.device), float("-inf"))
-
-
-def generate(
-    model: Any,
-    tok: Any,
-    prompts: list[str],
-    n_new: int,
-    *,
-    processors: list[Any],
-    seed: int,
-    temperature: float,
-    marked: list[bool] | None = None,
-    watermark: Any = None,
-) -> list[list[int]]:
-    """Exactly ``n_new`` sampled ids per chat-templated prompt, one left-padded KV-cached batch.
-
-    Per step: logits / temperature, EOS set to -inf (so every answer has ``n_new`` tokens),
-    ``processors`` on every row, ``watermark`` only on rows with ``marked[i]`` (so watermarked
-    and clean answers share one batch), then a multinomial draw.
-    """
-    import inspect
-
-    tok.padding_side = "left"
-    rendered = [
-        tok.apply_chat_template(
-            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
-        )
-        for p in prompts
-    ]
-    enc = tok(rendered, return_tensors="pt", padding=True, add_special_tokens=False)
-    ids, am = enc["input_ids"], enc["attention_mask"]
-    cache_kw = (
-        "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    )
-    rows = torch.tensor([bool(m) for m in (marked or [False] * len(prompts))])
-    gen = torch.Generator().manual_seed(seed)
-    pos = (am.cumsum(-1) - 1).clamp(min=0)
-    new: list[torch.Tensor] = []
-    # Only the last prompt position's logits are used: [B, T, V] would be ~1 GB for Gemma's vocab.
-    keep = (
-        {"logits_to_keep": 1}
-        if "logits_to_keep" in inspect.signature(model.forward).parameters
-        else {}
-    )
-    with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=True, **keep)
-        pos = pos[:, -1:]
-        for step in range(n_new):
-            cache = getattr(out, "cache", None) or out.past_key_values
-            logits = out.logits[:, -1].float() / temperature
-            logits[:, tok.eos_token_id] = float("-inf")
-            for proc in processors:
-                logits = proc(ids, logits)
-            if watermark is not None and bool(rows.any()):
-                logits[rows] = watermark(ids[rows], logits[rows])
-            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=gen)
-            new.append(nxt)
-            ids = torch.cat([ids, nxt], 1)
-            am = torch.cat([am, torch.ones_like(nxt)], 1)
-            pos = pos + 1
-            if step < n_new - 1:
-                out = model(input_ids=nxt, attention_mask=am, position_ids=pos, use_cache=True,
-                            **{cache_kw: cache})  # fmt: skip
-    return torch.cat(new, 1).tolist()
 
 
 # ----------------------------------------------------------------------------- part 1
@@ -556,26 +495,6 @@ def plot_power(keep: dict[str, Any], params: WatermarkParams, path: Path) -> dic
     return curves
 
 
-def plot_qq(pvals: dict[str, list[float]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(4.6, 4.4))
-    for name, v in pvals.items():
-        n = len(v)
-        ax.plot([(i + 0.5) / n for i in range(n)], sorted(v), ".", ms=3, label=name)
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
-    ax.set_xlabel("U(0,1) quantile")
-    ax.set_ylabel("null p-value (random keys)")
-    ax.legend(fontsize=7)
-    ax.set_title("Open-mode null p-values, clean models")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run (< 3 min)")
@@ -610,10 +529,9 @@ def main(argv: list[str] | None = None) -> int:
             smol = load_model("smollm2-135m-instruct")
         else:
             p1, smol = part1_single_text(s, params)
-        partial.write_text(json.dumps({"single_text": p1, "settings": s}, indent=2) + "\n")
+        write_result(partial, {"single_text": p1, "settings": s})
         p2, keep = part2_radioactivity(s, params, Path(tmp))
-        partial.write_text(json.dumps({"single_text": p1, "radioactivity": p2, "settings": s},
-                                      indent=2, default=float) + "\n")  # fmt: skip
+        write_result(partial, {"single_text": p1, "radioactivity": p2, "settings": s})
         p3, pvals = part3_null(s, params, keep, smol)
         p4 = part4_ablation(s, params, keep)
     partial.unlink(missing_ok=True)
@@ -641,35 +559,9 @@ def main(argv: list[str] | None = None) -> int:
                     "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()},
         "total_seconds": time.perf_counter() - t0,
     }  # fmt: skip
-    args.out.write_text(json.dumps(res, indent=2, default=float) + "\n")
+    write_result(args.out, res)
     summary(res)
     return 0
-
-
-def summary(r: dict[str, Any]) -> None:
-    p1, p2, ab = r["single_text"], r["radioactivity"], r["ablation"]
-    mr = r["min_rho_detected_1e-5"]
-    print(
-        f"single text (SmolLM2, {p1['n_tokens_per_text']} tok): detected {p1['detection_rate_at_1e-4']:.0%} "
-        f"at p<1e-4 (median p {p1['median_p']:.1e}); FPR@1e-4 clean {p1['fpr_at_1e-4_owner_key']:.3f}, "
-        f"random keys {p1['fpr_at_1e-4_random_keys']:.4f}"
-    )
-    for rho, v in p2["per_rho"].items():
-        print(
-            f"rho={float(rho):>5.0%}: open p={v['open']['p']:.2e} (n={v['open']['n_scored']}), held-out "
-            f"p={v['open_heldout']['p']:.2e}, closed p={v['closed']['p']:.2e} (n={v['closed']['n_scored']})"
-        )
-    print(f"min rho detected at p<1e-5 (open): {mr:g} = {mr / PAPER_RHO:.2f}x the paper's 5%")
-    print(
-        f"control p={r['p_control']:.3f}; null KS p={r['null_ks_pvalue']:.3f}, FPR@0.01="
-        f"{r['null_fpr_at_0.01']:.4f} CI99 {r['null_fpr_at_0.01_ci99']}"
-    )
-    print(
-        f"ablation dedup FPR@0.01 off/on: {ab['ablation_dedup_off_fpr_at_0.01']:.3f}/"
-        f"{ab['ablation_dedup_on_fpr_at_0.01']:.3f}; prompt windows p off/on: "
-        f"{ab['ablation_prompt_window_off_p']:.1e}/{ab['ablation_prompt_window_on_p']:.2f}"
-    )
-    print(f"total {r['total_seconds']:.0f}s")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -59,11 +59,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import generate, make_log
 from _provenance import provenance
 from potstill.core.watermark import KGWProcessor, WatermarkParams
 from potstill.detect.radioactivity import collect_open_tuples, score_corpus
 from potstill.detect.soft import collect_soft, green_pairs, score_soft, weighted_bernoulli_tail
-from radioactivity import KEY, calibration, generate, null_key
+from radioactivity import KEY, calibration, null_key
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -71,8 +72,7 @@ RHOS = (0.0, 0.01, 0.05, 0.10, 1.0)
 TEACHER = "smollm2-135m-instruct"
 
 
-def log(msg: str) -> None:
-    print(f"[radioactivity-real {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+log = make_log("radioactivity-real")
 
 
 def settings_for(quick: bool) -> dict[str, Any]:

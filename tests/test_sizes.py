@@ -14,14 +14,11 @@ REPO = Path(__file__).resolve().parents[1]
 MAX_FILE, MAX_FUNC = 600, 80
 
 KNOWN = {
-    "benchmarks/antidistill.py": 911,
     "benchmarks/kd_throughput.py": 649,
     "benchmarks/kd_throughput.py::main": 198,
     "benchmarks/monitor.py::main": 97,
-    "benchmarks/radioactivity.py": 676,
     "benchmarks/radioactivity_real.py::main": 111,
     "benchmarks/served_logprobs.py::main": 109,
-    "benchmarks/theft.py": 624,
 }
 
 
