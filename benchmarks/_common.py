@@ -20,6 +20,12 @@ import torch
 from potstill.core.io import atomic_write_text
 
 
+def sync(device: str) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so wall times are honest."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def make_log(name: str) -> Callable[[str], None]:
     """``log(msg)`` printing ``[name HH:MM:SS] msg``, flushed (long runs are watched live)."""
 

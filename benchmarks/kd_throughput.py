@@ -44,20 +44,18 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import make_log, sync
+from _kd_trl import run_trl
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "kd_throughput.json"
 
 
-def log(msg: str) -> None:
-    print(f"[kd_throughput {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+log = make_log("kd_throughput")
 
 
 # ----------------------------------------------------------------------------- peak FLOP/s
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def matmul_peak(device: str, dtype: torch.dtype, n: int, seconds: float = 2.0) -> float:
@@ -65,12 +63,12 @@ def matmul_peak(device: str, dtype: torch.dtype, n: int, seconds: float = 2.0) -
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     torch.matmul(a, b)
-    _sync(device)
+    sync(device)
     best, t_end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < t_end:
         t0 = time.perf_counter()
         torch.matmul(a, b)
-        _sync(device)
+        sync(device)
         best = max(best, 2 * n**3 / (time.perf_counter() - t0))
     return best
 
@@ -175,90 +173,6 @@ def run_potstill(cfg: Any, device: str) -> list[float]:
     return step_times_from_metrics(run)
 
 
-# ----------------------------------------------------------------------------- TRL
-
-
-def run_trl(a: argparse.Namespace, tmp: Path, tokenizer: Any, blocks: torch.Tensor) -> list[float]:
-    """TRL GKDTrainer, lmbda=0 (no on-policy generation), beta=0 (forward KL), same student
-    init, teacher, batch, seq len, dtype and constant LR; returns per-step wall times."""
-    from datasets import Dataset
-    from transformers import TrainerCallback
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
-
-    from potstill.core.models import load_model
-    from potstill.distill.config import StudentConfig
-    from potstill.distill.train.student import build_student
-
-    student = build_student(
-        StudentConfig(layers=a.student_layers, width=a.student_width, seed=0),
-        tokenizer,
-        max_len=a.seq_len,
-    )
-    teacher, _ = load_model(a.teacher)
-    ds = Dataset.from_dict(
-        {
-            "input_ids": blocks.tolist(),
-            "attention_mask": torch.ones_like(blocks).tolist(),
-            "labels": blocks.tolist(),  # GKD shifts labels itself
-        }
-    )
-
-    def collate(feats: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return {
-            k: torch.tensor([f[k] for f in feats])
-            for k in ("input_ids", "attention_mask", "labels")
-        }
-
-    times: list[float] = []
-
-    class Timer(TrainerCallback):
-        t0 = 0.0
-
-        def on_step_begin(self, *args: Any, **kw: Any) -> None:
-            _sync(a.device)
-            Timer.t0 = time.perf_counter()
-
-        def on_step_end(self, *args: Any, **kw: Any) -> None:
-            _sync(a.device)
-            times.append(time.perf_counter() - Timer.t0)
-
-    args = GKDConfig(
-        output_dir=str(tmp / "trl"),
-        per_device_train_batch_size=a.batch_size,
-        gradient_accumulation_steps=1,
-        max_steps=a.steps,
-        learning_rate=a.lr,
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        weight_decay=0.1,
-        adam_beta2=0.95,
-        max_grad_norm=1.0,
-        lmbda=0.0,
-        beta=0.0,
-        temperature=1.0,
-        max_length=a.seq_len,
-        bf16=a.dtype == "bf16",
-        use_cpu=a.device == "cpu",
-        save_strategy="no",
-        report_to=[],
-        logging_steps=10**6,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
-    )
-    trainer = GKDTrainer(
-        model=student,
-        teacher_model=teacher,
-        args=args,
-        data_collator=collate,
-        train_dataset=ds,
-        processing_class=tokenizer,
-        callbacks=[Timer()],
-    )
-    trainer.train()
-    return times
-
-
 # ----------------------------------------------------------------------------- student MFU
 
 
@@ -268,13 +182,7 @@ def student_step_time(
     """Mean time of the cached-teacher student step (fwd + bwd + AdamW) in fp32; returns
     (seconds per step, tokens per step, unique student params)."""
     from potstill.distill.train.data import prepare_data
-    from potstill.distill.train.recipe import (
-        HiddenLM,
-        StepStats,
-        make_objective,
-        make_optimizer,
-        micro_loss,
-    )
+    from potstill.distill.train.recipe import HiddenLM, make_optimizer, micro_loss
     from potstill.distill.train.student import build_student, count_params
 
     cfg = distill_cfg(a, Path(tempfile.mkdtemp()), data, f"cache:{cache_dir}")
@@ -283,20 +191,19 @@ def student_step_time(
     model = HiddenLM(student)
     opt = make_optimizer(model, cfg)
     td = prepare_data(cfg, tokenizer, world_size=1)
-    objective = make_objective(cfg, StepStats.zeros())
     batches = [
         {k: v.to(a.device) for k, v in td.micro_batch(i % td.batches_per_epoch, 0).items()}
         for i in range(a.mfu_steps + 2)
     ]
     times = []
     for i, batch in enumerate(batches):
-        _sync(a.device)
+        sync(a.device)
         t0 = time.perf_counter()
-        loss = micro_loss(model, None, batch, cfg, objective) / batch["labels"].numel()
+        loss = micro_loss(model, None, batch, cfg).total / batch["labels"].numel()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        _sync(a.device)
+        sync(a.device)
         if i >= 2:
             times.append(time.perf_counter() - t0)
     return sum(times) / len(times), a.mfu_batch * a.seq_len, count_params(student)
@@ -342,7 +249,7 @@ def rss_probe(
             forward_kl, h, w, (th, tw), labels, chunk_tokens=512, reduction="sum"
         )
     loss.backward()
-    _sync(device)
+    sync(device)
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
@@ -394,58 +301,79 @@ def main() -> None:
     a = parse_args()
     if a.rss_probe:
         vocab, tokens = 49152, 4096
-        print(
-            json.dumps(
-                rss_probe(
-                    a.rss_probe, vocab, tokens, a.student_width, a.probe_teacher_width, a.device
-                )
-            )
+        probe = rss_probe(
+            a.rss_probe, vocab, tokens, a.student_width, a.probe_teacher_width, a.device
         )
+        print(json.dumps(probe))
         return
+    _quiet(a)
+    from potstill.core.models import load_model
+    from potstill.distill.train.student import count_params
+
+    t_start = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix="kd_bench_"))
+    teacher_model, tok = load_model(a.teacher)
+    m: dict[str, Any] = {
+        "tmp": tmp,
+        "n_teacher": count_params(teacher_model),
+        "vocab": int(teacher_model.get_output_embeddings().weight.shape[0]),
+        "n_blocks": a.steps * a.batch_size,
+    }
+    m["data"] = make_data(tmp, tok, m["n_blocks"], a.seq_len, a.quick)
+    m.update(_peaks(a))  # 1.
+    m.update(_build_cache(a, m))  # 2.
+    m.update(_throughput(a, m, tok))  # 3. and 4.
+    # 5. Peak memory of the KD loss step, each variant in a fresh process.
+    t_width = int(teacher_model.config.hidden_size)
+    m["plain"], m["chunked"] = (
+        measure_peak("plain", a, t_width),
+        measure_peak("chunked", a, t_width),
+    )
+    log(f"peak MB plain {m['plain']['peak_mb']:.0f} chunked {m['chunked']['peak_mb']:.0f}")
+    m.update(_kl(a, m, teacher_model, tok))  # 6. and 7.
+    res = _result(a, m)
+    res["wall_s"] = time.perf_counter() - t_start
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    print_summary(res)
+    log(f"wrote {out} in {res['wall_s']:.0f}s")
+
+
+def _quiet(a: argparse.Namespace) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    import warnings
+
     import transformers
 
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     if a.threads:
         torch.set_num_threads(a.threads)
-    import warnings
-
     warnings.filterwarnings("ignore")
-    from potstill.core.models import load_model
-    from potstill.distill.teachers.cache import (
-        CacheJob,
-        bytes_per_token,
-        reconstruction_kl,
-        write_cache,
-    )
-    from potstill.distill.train.student import count_params
 
-    t_start = time.perf_counter()
-    res: dict[str, Any] = {"settings": {k: v for k, v in vars(a).items() if k != "rss_probe"}}
-    tmp = Path(tempfile.mkdtemp(prefix="kd_bench_"))
-    teacher_model, tok = load_model(a.teacher)
-    n_teacher = count_params(teacher_model)
-    t_width = int(teacher_model.config.hidden_size)
-    vocab = int(teacher_model.get_output_embeddings().weight.shape[0])
-    n_blocks = a.steps * a.batch_size
-    data = make_data(tmp, tok, n_blocks, a.seq_len, a.quick)
 
-    # 1. Peaks.
+def _peaks(a: argparse.Namespace) -> dict[str, Any]:
+    """1. The matmul peaks (fp32, and the run's dtype): the MFU denominators."""
     dt = torch.bfloat16 if a.dtype == "bf16" else torch.float32
     n = 8192 if a.device == "cuda" else 2048
     peak32 = matmul_peak(a.device, torch.float32, n)
     peak_run = matmul_peak(a.device, dt, n) if dt != torch.float32 else peak32
     log(f"matmul peak fp32 {peak32 / 1e9:.1f} GFLOP/s, {a.dtype} {peak_run / 1e9:.1f} GFLOP/s")
+    return {"peak32": peak32, "peak_run": peak_run}
 
-    # 2. The cache (timed: one teacher pass over the training data).
-    cache_dir = tmp / "cache"
+
+def _build_cache(a: argparse.Namespace, m: dict[str, Any]) -> dict[str, Any]:
+    """2. The cache (timed: one teacher pass over the training data)."""
+    from potstill.distill.teachers.cache import CacheJob, write_cache
+
+    cache_dir = m["tmp"] / "cache"
     t0 = time.perf_counter()
     man = write_cache(
-        CacheJob(teacher=a.teacher, data=data, out=cache_dir, k=64, seq_len=a.seq_len,
+        CacheJob(teacher=a.teacher, data=m["data"], out=cache_dir, k=64, seq_len=a.seq_len,
                  batch_size=a.batch_size, shard_blocks=64, scheme="u8", bf16=a.dtype == "bf16"),
         log=lambda _m: None,
     )  # fmt: skip
@@ -454,47 +382,58 @@ def main() -> None:
     log(
         f"cache: {cached_tokens} tokens in {cache_s:.1f}s, {man['file_bytes_per_token']:.1f} B/token"
     )
+    return {"cache_dir": cache_dir, "man": man, "cache_s": cache_s, "cached_tokens": cached_tokens}
 
-    # 3. Training throughput, same student init / teacher / batch / seq len / dtype.
+
+def _throughput(a: argparse.Namespace, m: dict[str, Any], tok: Any) -> dict[str, Any]:
+    """3. Training throughput, same student init / teacher / batch / seq len / dtype; 4. MFU
+    (documented in the module docstring)."""
+    from potstill.distill.train.data import prepare_data
+    from potstill.distill.train.student import build_student, count_params
+
+    tmp, data = m["tmp"], m["data"]
     tokens_per_step = a.batch_size * a.seq_len
     online = run_potstill(distill_cfg(a, tmp / "online", data, a.teacher), a.device)
     log(f"potstill online: {tokens_per_step / steady(online, a.warmup):.0f} tok/s")
-    cached = run_potstill(distill_cfg(a, tmp / "cached", data, f"cache:{cache_dir}"), a.device)
+    cached_cfg = distill_cfg(a, tmp / "cached", data, f"cache:{m['cache_dir']}")
+    cached = run_potstill(cached_cfg, a.device)
     log(f"potstill cached: {tokens_per_step / steady(cached, a.warmup):.0f} tok/s")
-    from potstill.distill.train.data import prepare_data
-
     blocks = prepare_data(distill_cfg(a, tmp / "x", data, a.teacher), tok, world_size=1).blocks
-    trl = run_trl(a, tmp, tok, blocks[:n_blocks])
+    trl = run_trl(a, tmp, tok, blocks[: m["n_blocks"]])
     log(f"TRL GKD: {tokens_per_step / steady(trl, a.warmup):.0f} tok/s")
-    tps = {
-        k: tokens_per_step / steady(v, a.warmup)
-        for k, v in (("online", online), ("cached", cached), ("trl", trl))
-    }
-
-    # 4. MFU (documented in the module docstring).
-    from potstill.distill.train.student import build_student
-
-    n_student = count_params(
-        build_student(distill_cfg(a, tmp / "y", data, a.teacher).student, tok, max_len=a.seq_len)
-    )
-    flops_tok = {
-        "online": 6 * n_student + 2 * n_teacher,
-        "cached": 6 * n_student,
-        "trl": 6 * n_student + 2 * n_teacher,
-    }
-    mfu_runs = {k: tps[k] * flops_tok[k] / peak_run for k in tps}
-    step_s, step_tokens, n_mfu = student_step_time(a, cache_dir, data, tok)
-    mfu_student = 6 * n_mfu * step_tokens / step_s / peak32
+    times = {"online": online, "cached": cached, "trl": trl}
+    tps = {k: tokens_per_step / steady(v, a.warmup) for k, v in times.items()}
+    student_cfg = distill_cfg(a, tmp / "y", data, a.teacher).student
+    n_student = count_params(build_student(student_cfg, tok, max_len=a.seq_len))
+    n_teacher = m["n_teacher"]
+    flops_tok = {"online": 6 * n_student + 2 * n_teacher, "cached": 6 * n_student,
+                 "trl": 6 * n_student + 2 * n_teacher}  # fmt: skip
+    step_s, step_tokens, n_mfu = student_step_time(a, m["cache_dir"], data, tok)
+    mfu_student = 6 * n_mfu * step_tokens / step_s / m["peak32"]
     log(
         f"student step ({n_mfu / 1e6:.1f}M params, {step_tokens} tokens, fp32): {step_s * 1e3:.0f} ms, MFU {mfu_student:.1%}"
     )
+    return {
+        "tokens_per_step": tokens_per_step,
+        "times": times,
+        "tps": tps,
+        "n_student": n_student,
+        "mfu_runs": {k: tps[k] * flops_tok[k] / m["peak_run"] for k in tps},
+        "mfu_student": mfu_student,
+        "mfu_detail": {
+            "params": n_mfu,
+            "tokens_per_step": step_tokens,
+            "step_s": step_s,
+            "dtype": "float32",
+        },
+    }
 
-    # 5. Peak memory of the KD loss step, each variant in a fresh process.
-    plain = measure_peak("plain", a, t_width)
-    chunked = measure_peak("chunked", a, t_width)
-    log(f"peak MB plain {plain['peak_mb']:.0f} chunked {chunked['peak_mb']:.0f}")
 
-    # 6. Cache size and reconstruction KL at several k (teacher logits on held-out text).
+def _kl(a: argparse.Namespace, m: dict[str, Any], teacher_model: Any, tok: Any) -> dict[str, Any]:
+    """6. Cache size and reconstruction KL at several k (teacher logits on held-out text);
+    7. held-out KL to the teacher: student trained online vs from the cache."""
+    from potstill.distill.teachers.cache import bytes_per_token, reconstruction_kl
+
     hb = heldout_blocks(tok, a.seq_len, a.kl_blocks)
     teacher_model = teacher_model.to(a.device).eval()
     with torch.no_grad():
@@ -510,84 +449,81 @@ def main() -> None:
         kl_u8 = reconstruction_kl(flat, k, "u8")
         kl_exact = reconstruction_kl(flat, k, None)
         recon[str(k)] = {
-            "payload_bytes_per_token": bytes_per_token(k, vocab, "u8"),
+            "payload_bytes_per_token": bytes_per_token(k, m["vocab"], "u8"),
             "kl_mean_u8": kl_u8[0],
             "kl_max_u8": kl_u8[1],
             "kl_mean_exact_topk": kl_exact[0],
             "kl_quantization_only": kl_u8[0] - kl_exact[0],
         }
         log(
-            f"k={k}: {bytes_per_token(k, vocab, 'u8')} B/token, KL(teacher||cache) {kl_u8[0]:.4g} nats"
+            f"k={k}: {bytes_per_token(k, m['vocab'], 'u8')} B/token, KL(teacher||cache) {kl_u8[0]:.4g} nats"
         )
-
-    # 7. Held-out KL to the teacher: student trained online vs from the cache.
-    kl_online = heldout_kl(tmp / "online" / "student", t_logits, hb, a.device)
-    kl_cached = heldout_kl(tmp / "cached" / "student", t_logits, hb, a.device)
+    kl_online = heldout_kl(m["tmp"] / "online" / "student", t_logits, hb, a.device)
+    kl_cached = heldout_kl(m["tmp"] / "cached" / "student", t_logits, hb, a.device)
     log(f"held-out KL online {kl_online:.4f}, cached {kl_cached:.4f}")
+    return {
+        "recon": recon,
+        "kl_online": kl_online,
+        "kl_cached": kl_cached,
+        "kl_blocks": int(hb.shape[0]),
+    }
 
-    res.update(
-        {
-            "models": {
-                "teacher": a.teacher,
-                "teacher_params": n_teacher,
-                "student_params": n_student,
-                "student_layers": a.student_layers,
-                "student_width": a.student_width,
-                "vocab": vocab,
-                "real_smollm2_teacher": a.teacher == "smollm2-135m-instruct",
-            },
-            "tokens_per_step": tokens_per_step,
-            "tokens_per_s": tps,
-            "step_times_s": {"online": online, "cached": cached, "trl": trl},
-            "speedup_cached_vs_trl": tps["cached"] / tps["trl"],
-            "speedup_online_vs_trl": tps["online"] / tps["trl"],
-            "matmul_peak_flops": {"fp32": peak32, a.dtype: peak_run},
-            "mfu_runs": mfu_runs,
-            "mfu_formula": "tokens/s * (6*N_student + 2*N_teacher [online only]) / matmul peak of the run dtype",
-            "mfu_student": mfu_student,
-            "mfu_student_detail": {
-                "params": n_mfu,
-                "tokens_per_step": step_tokens,
-                "step_s": step_s,
-                "dtype": "float32",
-            },
-            "kd_loss_peak_mb": {"plain": plain, "chunked": chunked, "vocab": 49152, "tokens": 4096},
-            "chunked_peak_ratio": chunked["peak_mb"] / plain["peak_mb"],
-            "chunked_step_increment_ratio": (chunked["peak_mb"] - chunked["baseline_mb"])
-            / max(1e-9, plain["peak_mb"] - plain["baseline_mb"]),
-            "cache": {
-                "k": 64,
-                "scheme": "u8",
-                "build_s": cache_s,
-                "build_tokens_per_s": cached_tokens / cache_s,
-                "file_bytes_per_token": man["file_bytes_per_token"],
-                "reconstruction": recon,
-            },
-            "cache_bytes_per_token_k64": man["file_bytes_per_token"],
-            "heldout_kl": {
-                "online": kl_online,
-                "cached": kl_cached,
-                "relative_diff": abs(kl_cached - kl_online) / kl_online,
-                "steps": a.steps,
-                "blocks": int(hb.shape[0]),
-            },
-            "environment": {
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-                "threads": torch.get_num_threads(),
-                "cpu_count": os.cpu_count(),
-                "device": torch.cuda.get_device_name()
-                if a.device == "cuda"
-                else platform.processor() or "cpu",
-            },
-            "wall_s": time.perf_counter() - t_start,
-        }
-    )
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    print_summary(res)
-    log(f"wrote {out} in {res['wall_s']:.0f}s")
+
+def _result(a: argparse.Namespace, m: dict[str, Any]) -> dict[str, Any]:
+    """The results JSON (keys as before the split into steps)."""
+    tps, plain, chunked, man = m["tps"], m["plain"], m["chunked"], m["man"]
+    kl_online, kl_cached = m["kl_online"], m["kl_cached"]
+    return {
+        "settings": {k: v for k, v in vars(a).items() if k != "rss_probe"},
+        "models": {
+            "teacher": a.teacher,
+            "teacher_params": m["n_teacher"],
+            "student_params": m["n_student"],
+            "student_layers": a.student_layers,
+            "student_width": a.student_width,
+            "vocab": m["vocab"],
+            "real_smollm2_teacher": a.teacher == "smollm2-135m-instruct",
+        },
+        "tokens_per_step": m["tokens_per_step"],
+        "tokens_per_s": tps,
+        "step_times_s": m["times"],
+        "speedup_cached_vs_trl": tps["cached"] / tps["trl"],
+        "speedup_online_vs_trl": tps["online"] / tps["trl"],
+        "matmul_peak_flops": {"fp32": m["peak32"], a.dtype: m["peak_run"]},
+        "mfu_runs": m["mfu_runs"],
+        "mfu_formula": "tokens/s * (6*N_student + 2*N_teacher [online only]) / matmul peak of the run dtype",
+        "mfu_student": m["mfu_student"],
+        "mfu_student_detail": m["mfu_detail"],
+        "kd_loss_peak_mb": {"plain": plain, "chunked": chunked, "vocab": 49152, "tokens": 4096},
+        "chunked_peak_ratio": chunked["peak_mb"] / plain["peak_mb"],
+        "chunked_step_increment_ratio": (chunked["peak_mb"] - chunked["baseline_mb"])
+        / max(1e-9, plain["peak_mb"] - plain["baseline_mb"]),
+        "cache": {
+            "k": 64,
+            "scheme": "u8",
+            "build_s": m["cache_s"],
+            "build_tokens_per_s": m["cached_tokens"] / m["cache_s"],
+            "file_bytes_per_token": man["file_bytes_per_token"],
+            "reconstruction": m["recon"],
+        },
+        "cache_bytes_per_token_k64": man["file_bytes_per_token"],
+        "heldout_kl": {
+            "online": kl_online,
+            "cached": kl_cached,
+            "relative_diff": abs(kl_cached - kl_online) / kl_online,
+            "steps": a.steps,
+            "blocks": m["kl_blocks"],
+        },
+        "environment": {
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "device": torch.cuda.get_device_name()
+            if a.device == "cuda"
+            else platform.processor() or "cpu",
+        },
+    }
 
 
 def print_summary(r: dict[str, Any]) -> None:

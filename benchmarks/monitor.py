@@ -25,6 +25,7 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -213,17 +214,7 @@ def new_traffic(monitor: ExtractionMonitor, emb: object, args: argparse.Namespac
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--embedder", default="auto", choices=("auto", "minilm", "hash"))
-    ap.add_argument("--window", type=int, default=50)
-    ap.add_argument("--fpr", type=float, default=0.01)
-    ap.add_argument("--calibration-windows", type=int, default=1500)
-    ap.add_argument("--benign-windows", type=int, default=500, help="fresh benign windows (FPR)")
-    ap.add_argument("--windows-per-fraction", type=int, default=100)
-    ap.add_argument("--name", default="monitor", help="results/NAME.json and NAME_tpr.png")
-    ap.add_argument("--new-traffic", action="store_true",
-                    help="also score Shakespeare readers and a paraphrased sweep (needs SmolLM2)")  # fmt: skip
-    args = ap.parse_args()
+    args = _parse()
     started = time.time()
 
     t0 = time.perf_counter()
@@ -247,18 +238,7 @@ def main() -> None:
     t_embed = time.perf_counter() - t2
 
     t3 = time.perf_counter()
-    rows: dict[float, list[dict[str, float]]] = {}
-    count = 0
-    for f in FRACTIONS:
-        n = args.benign_windows if f == 0.0 else args.windows_per_fraction
-        rows[f] = []
-        for _ in range(n):
-            pools = pool_sets[count // 50]
-            count += 1
-            w = simulate_window(rng, harvest, f, args.window, pools)
-            x = emb.encode(w.texts)
-            nov, kbar = monitor.ref.per_prompt(x)
-            rows[f].append(window_stats(x, nov, kbar, monitor.ref, w.texts))
+    rows = _score_windows(args, rng, harvest, pool_sets, emb, monitor)
     t_score = time.perf_counter() - t3
 
     th = cal.thresholds
@@ -309,6 +289,40 @@ def main() -> None:
         for label in ("shipped_calibration", "recalibrated_on_own_users"):
             print(label, nt[label])
     print(result["timings_s"])
+
+
+def _parse() -> argparse.Namespace:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--embedder", default="auto", choices=("auto", "minilm", "hash"))
+    ap.add_argument("--window", type=int, default=50)
+    ap.add_argument("--fpr", type=float, default=0.01)
+    ap.add_argument("--calibration-windows", type=int, default=1500)
+    ap.add_argument("--benign-windows", type=int, default=500, help="fresh benign windows (FPR)")
+    ap.add_argument("--windows-per-fraction", type=int, default=100)
+    ap.add_argument("--name", default="monitor", help="results/NAME.json and NAME_tpr.png")
+    ap.add_argument("--new-traffic", action="store_true",
+                    help="also score Shakespeare readers and a paraphrased sweep (needs SmolLM2)")  # fmt: skip
+    return ap.parse_args()
+
+
+def _score_windows(
+    args: argparse.Namespace, rng: random.Random, harvest: list[str], pool_sets: list[Any],
+    emb: Any, monitor: Any,
+) -> dict[float, list[dict[str, float]]]:  # fmt: skip
+    """Each fraction's simulated windows (harvester share ``f``), scored: their statistics."""
+    rows: dict[float, list[dict[str, float]]] = {}
+    count = 0
+    for f in FRACTIONS:
+        n = args.benign_windows if f == 0.0 else args.windows_per_fraction
+        rows[f] = []
+        for _ in range(n):
+            pools = pool_sets[count // 50]
+            count += 1
+            w = simulate_window(rng, harvest, f, args.window, pools)
+            x = emb.encode(w.texts)
+            nov, kbar = monitor.ref.per_prompt(x)
+            rows[f].append(window_stats(x, nov, kbar, monitor.ref, w.texts))
+    return rows
 
 
 def plot(result: dict, path: Path) -> None:

@@ -328,6 +328,84 @@ def merge_into(path: Path, block: dict[str, Any], top: dict[str, Any], name: str
     tmp.replace(path)
 
 
+def sweep(
+    s: dict[str, Any], corpus: dict[str, Any], teacher: Any, tok: Any, params: WatermarkParams
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One student per rho, audited four ways: (per-rho results, null sources)."""
+    per: dict[str, Any] = {}
+    sources: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="potstill-radio-real-") as tmp:
+        for rho in RHOS:
+            t0 = time.perf_counter()
+            model, info = train_student(s, corpus, rho, Path(tmp))
+            t1 = time.perf_counter()
+            a = audit(s, model, tok, corpus["wm"], params)
+            ho = audit(s, model, tok, corpus["wm_heldout"], params)
+            # Supervised (Sander et al.): the owner scores exactly the answers it served to the
+            # thief (an API owner has them in its logs), not its whole watermarked pool.
+            served = [corpus["wm"][i] for i in info["watermarked_ids"]]
+            sup = audit(s, model, tok, served, params) if served else None
+            # Its null at the same size: the clean teacher teacher-forced on the same answers.
+            sup0 = audit(s, teacher, tok, served, params) if served else None
+            per[f"{rho:g}"] = {**info, "open": {k: v for k, v in a.items() if not k.startswith("_")},
+                               "open_heldout": {k: v for k, v in ho.items() if not k.startswith("_")},
+                               "open_supervised": sup and {k: v for k, v in sup.items()
+                                                           if not k.startswith("_")},
+                               "supervised_clean_teacher": sup0 and {
+                                   k: v for k, v in sup0.items() if not k.startswith("_")},
+                               "train_s": t1 - t0, "audit_s": time.perf_counter() - t1}  # fmt: skip
+            if rho == 0.0:
+                sources["control_student_on_wm"] = a
+            log(f"rho={rho:g}: soft(sum) p={a['soft_sum']['p']:.2e} soft(mean) p={a['soft_mean']['p']:.2e} "
+                f"argmax p={a['argmax']['p']:.2e}; held-out soft p={ho['soft_sum']['p']:.2e}; "
+                f"supervised soft p={sup['soft_sum']['p'] if sup else float('nan'):.2e}; "
+                f"train {t1 - t0:.0f}s, ce {info['final_train_ce']:.3f}")  # fmt: skip
+            del model
+    return per, sources
+
+
+def top_keys(per: dict[str, Any], suffix: str) -> dict[str, Any]:
+    """The acceptance keys: p per rho and test, and the smallest rho detected at p < 1e-5."""
+
+    def p_of(r: float, audit: str, test: str) -> float:  # nan: nothing served at this rho
+        v = per[f"{r:g}"][audit]
+        return v[test]["p"] if v else float("nan")
+
+    def best(test: str, audit: str = "open", thr: float = 1e-5) -> float:
+        hits = [r for r in RHOS if r > 0 and p_of(r, audit, test) < thr]
+        return min(hits) if hits else float("nan")
+
+    top: dict[str, Any] = {}
+    for r in RHOS[1:]:
+        tag = f"{round(r * 100)}"
+        top[f"p_open_soft_rho_{tag}"] = per[f"{r:g}"]["open"]["soft_sum"]["p"]
+        top[f"p_open_argmax_rho_{tag}"] = per[f"{r:g}"]["open"]["argmax"]["p"]
+        top[f"p_supervised_soft_rho_{tag}"] = p_of(r, "open_supervised", "soft_sum")
+        top[f"p_supervised_argmax_rho_{tag}"] = p_of(r, "open_supervised", "argmax")
+    top["min_rho_detected_1e-5_soft"] = best("soft_sum")
+    top["min_rho_detected_1e-5_soft_mean"] = best("soft_mean")
+    top["min_rho_detected_1e-5_argmax_real"] = best("argmax")
+    top["min_rho_detected_1e-5_supervised_soft"] = best("soft_sum", "open_supervised")
+    top["min_rho_detected_1e-5_supervised_argmax"] = best("argmax", "open_supervised")
+    return {f"{k}{suffix}": v for k, v in top.items()}
+
+
+def print_summary(
+    per: dict[str, Any], null: dict[str, Any], top: dict[str, Any], suffix: str, started: float
+) -> None:
+    for r in RHOS:
+        v = per[f"{r:g}"]["open"]
+        print(f"rho={r:>5.0%}: soft(sum) p={v['soft_sum']['p']:.2e}  soft(mean) p={v['soft_mean']['p']:.2e}  "
+              f"argmax p={v['argmax']['p']:.2e}")  # fmt: skip
+    for t, c in null["pooled"].items():
+        print(f"null {t}: n={c['n']} KS p={c['ks_pvalue']:.3f} FPR@0.01={c['fpr_at_0.01']:.4f} "
+              f"{c['fpr_at_0.01_ci99']} FPR@0.001={c['fpr_at_0.001']:.4f} {c['fpr_at_0.001_ci99']}")  # fmt: skip
+    print(f"min rho at p<1e-5: soft {top[f'min_rho_detected_1e-5_soft{suffix}']}, argmax "
+          f"{top[f'min_rho_detected_1e-5_argmax_real{suffix}']}; supervised soft "
+          f"{top[f'min_rho_detected_1e-5_supervised_soft{suffix}']}, argmax "
+          f"{top[f'min_rho_detected_1e-5_supervised_argmax{suffix}']}; total {time.time() - started:.0f}s")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run")
@@ -360,35 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     corpus, reuse = make_corpus(s, teacher, tok)
     log(f"corpus: {len(corpus['wm'])} + {len(corpus['wm_heldout'])} watermarked, "
         f"{len(corpus['clean'])} clean answers ({'cached' if reuse['reused'] else 'generated'})")  # fmt: skip
-    per: dict[str, Any] = {}
-    sources: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="potstill-radio-real-") as tmp:
-        for rho in RHOS:
-            t0 = time.perf_counter()
-            model, info = train_student(s, corpus, rho, Path(tmp))
-            t1 = time.perf_counter()
-            a = audit(s, model, tok, corpus["wm"], params)
-            ho = audit(s, model, tok, corpus["wm_heldout"], params)
-            # Supervised (Sander et al.): the owner scores exactly the answers it served to the
-            # thief (an API owner has them in its logs), not its whole watermarked pool.
-            served = [corpus["wm"][i] for i in info["watermarked_ids"]]
-            sup = audit(s, model, tok, served, params) if served else None
-            # Its null at the same size: the clean teacher teacher-forced on the same answers.
-            sup0 = audit(s, teacher, tok, served, params) if served else None
-            per[f"{rho:g}"] = {**info, "open": {k: v for k, v in a.items() if not k.startswith("_")},
-                               "open_heldout": {k: v for k, v in ho.items() if not k.startswith("_")},
-                               "open_supervised": sup and {k: v for k, v in sup.items()
-                                                           if not k.startswith("_")},
-                               "supervised_clean_teacher": sup0 and {
-                                   k: v for k, v in sup0.items() if not k.startswith("_")},
-                               "train_s": t1 - t0, "audit_s": time.perf_counter() - t1}  # fmt: skip
-            if rho == 0.0:
-                sources["control_student_on_wm"] = a
-            log(f"rho={rho:g}: soft(sum) p={a['soft_sum']['p']:.2e} soft(mean) p={a['soft_mean']['p']:.2e} "
-                f"argmax p={a['argmax']['p']:.2e}; held-out soft p={ho['soft_sum']['p']:.2e}; "
-                f"supervised soft p={sup['soft_sum']['p'] if sup else float('nan'):.2e}; "
-                f"train {t1 - t0:.0f}s, ce {info['final_train_ce']:.3f}")  # fmt: skip
-            del model
+    per, sources = sweep(s, corpus, teacher, tok, params)
     sources["teacher_on_wm"] = audit(s, teacher, tok, corpus["wm"], params)
     sources["teacher_on_clean"] = audit(s, teacher, tok, corpus["clean"], params)
     null, pvals = null_block(s, sources, params)
@@ -396,27 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     plot_power(per, Path(f"{stem}_real{suffix}_power.png"))
     plot_qq(pvals, Path(f"{stem}_real{suffix}_null_qq.png"))
 
-    def p_of(r: float, audit: str, test: str) -> float:  # nan: nothing served at this rho
-        v = per[f"{r:g}"][audit]
-        return v[test]["p"] if v else float("nan")
-
-    def best(test: str, audit: str = "open", thr: float = 1e-5) -> float:
-        hits = [r for r in RHOS if r > 0 and p_of(r, audit, test) < thr]
-        return min(hits) if hits else float("nan")
-
-    top = {}
-    for r in RHOS[1:]:
-        tag = f"{round(r * 100)}"
-        top[f"p_open_soft_rho_{tag}"] = per[f"{r:g}"]["open"]["soft_sum"]["p"]
-        top[f"p_open_argmax_rho_{tag}"] = per[f"{r:g}"]["open"]["argmax"]["p"]
-        top[f"p_supervised_soft_rho_{tag}"] = p_of(r, "open_supervised", "soft_sum")
-        top[f"p_supervised_argmax_rho_{tag}"] = p_of(r, "open_supervised", "argmax")
-    top["min_rho_detected_1e-5_soft"] = best("soft_sum")
-    top["min_rho_detected_1e-5_soft_mean"] = best("soft_mean")
-    top["min_rho_detected_1e-5_argmax_real"] = best("argmax")
-    top["min_rho_detected_1e-5_supervised_soft"] = best("soft_sum", "open_supervised")
-    top["min_rho_detected_1e-5_supervised_argmax"] = best("argmax", "open_supervised")
-    top = {f"{k}{suffix}": v for k, v in top.items()}
+    top = top_keys(per, suffix)
     block = {
         "teacher": TEACHER,
         "student": f"SmolLM2-135M-Instruct, top {s['train_top_layers']} of 30 layers fine-tuned (SFT on assistant tokens)",
@@ -427,17 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         "provenance": provenance(started),
     }
     merge_into(args.out, block, top, f"real_vocab{suffix}")
-    for r in RHOS:
-        v = per[f"{r:g}"]["open"]
-        print(f"rho={r:>5.0%}: soft(sum) p={v['soft_sum']['p']:.2e}  soft(mean) p={v['soft_mean']['p']:.2e}  "
-              f"argmax p={v['argmax']['p']:.2e}")  # fmt: skip
-    for t, c in null["pooled"].items():
-        print(f"null {t}: n={c['n']} KS p={c['ks_pvalue']:.3f} FPR@0.01={c['fpr_at_0.01']:.4f} "
-              f"{c['fpr_at_0.01_ci99']} FPR@0.001={c['fpr_at_0.001']:.4f} {c['fpr_at_0.001_ci99']}")  # fmt: skip
-    print(f"min rho at p<1e-5: soft {top[f'min_rho_detected_1e-5_soft{suffix}']}, argmax "
-          f"{top[f'min_rho_detected_1e-5_argmax_real{suffix}']}; supervised soft "
-          f"{top[f'min_rho_detected_1e-5_supervised_soft{suffix}']}, argmax "
-          f"{top[f'min_rho_detected_1e-5_supervised_argmax{suffix}']}; total {time.time() - started:.0f}s")  # fmt: skip
+    print_summary(per, null, top, suffix, started)
     return 0
 
 

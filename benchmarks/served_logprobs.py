@@ -137,19 +137,7 @@ def distill(store: Path, work: Path, s: dict[str, Any], steps: int) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--teacher", choices=["tiny", "real"], default="tiny",
-                    help="tiny: the 16-symbol teacher; real: SmolLM2 (see the module doc)")  # fmt: skip
-    ap.add_argument("--n", type=int, help="harvested answers per run (default 200; real: 120)")
-    ap.add_argument("--heldout", type=int, default=24, help="held-out watermarked answers")
-    ap.add_argument(
-        "--steps", type=int, help="student optimizer steps (default 600; real: 3 epochs)"
-    )
-    ap.add_argument(
-        "--sources", default="raw,served", help="which logprobs to distil, comma-separated"
-    )
-    ap.add_argument("--out", help="results file (default results/served_logprobs[_real].json)")
-    args = ap.parse_args(argv)
+    args = _parse(argv)
     started = time.time()
     real = args.teacher == "real"
     s = real_settings() if real else radio.settings_for(False)
@@ -163,7 +151,6 @@ def main(argv: list[str] | None = None) -> int:
     from potstill.core import store as st
     from potstill.core.models import load_tokenizer
     from potstill.core.watermark import WatermarkParams
-    from potstill.detect import collect_open_tuples, collect_soft, score_corpus, score_soft
     from potstill.detect.radioactivity import windows_of
 
     params = WatermarkParams(
@@ -177,9 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         prompts = radio.radio_prompts(args.n + args.heldout)
     train_p, held_p = prompts[: args.n], prompts[args.n :]
-    k = s["context_width"]
-    bs = 8 if real else 16  # texts per argmax-audit forward pass
-    excl = windows_of([tok(p, add_special_tokens=False)["input_ids"] for p in prompts], k)
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    excl = windows_of(ids, s["context_width"])
     runs: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="potstill-served-lp-") as tmp:
         work = Path(tmp)
@@ -198,17 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             texts = [r["completion"] for r in recs]
             green_mass = _green_top_mass(recs, tok, params, real)
             model, last = distill(store, work / f"run_{source}", s, args.steps)
-            audit = {}
-            for name, pool in (("open", texts), ("open_heldout", heldout)):
-                tuples, n_tok, n_cp = collect_open_tuples(model, tok, pool, k, batch_size=bs)
-                r = score_corpus(tuples, radio.KEY, params, mode="open", n_texts=len(pool),
-                                 n_tokens=n_tok, prompt_windows=excl, n_excluded_copies=n_cp)  # fmt: skip
-                audit[name] = {"p": r.p_value, "n_scored": r.n_scored, "green_rate": r.statistic}
-                soft = score_soft(collect_soft(model, tok, pool, k, prompt_windows=excl),
-                                  radio.KEY, params, weighting="sum")  # fmt: skip
-                audit[f"{name}_soft"] = {"p": soft.p_value, "log10_p": soft.log10_p,
-                                         "p_bound": soft.p_bound, "n_scored": soft.n_scored,
-                                         "green_share": soft.statistic}  # fmt: skip
+            pools = {"open": texts, "open_heldout": heldout}
+            audit = _audit(model, tok, pools, params, excl, batch_size=8 if real else 16)
             runs[source] = {"harvest": h, "top5_green_mass_share": green_mass,
                             "final_train_kd": last.get("kd"), "audit": audit,
                             "seconds": time.perf_counter() - t0}  # fmt: skip
@@ -218,22 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{audit['open_heldout_soft']['p']:.3g}")  # fmt: skip
     result = {
         "benchmark": "served_logprobs",
-        "settings": {
-            "n_answers": args.n,
-            "heldout_answers": args.heldout,
-            "student_steps": args.steps,
-            "top_logprobs": 5,
-            "loss": "pure top-k KD (ce_weight 0)",
-            "teacher": s["radio_teacher"],
-            "temperature": s.get("temperature", s.get("radio_temperature")),
-            "watermark": params.to_dict(),
-            "student": (
-                f"{SMOLLM2}, top {s['train_top_layers']} of 30 layers"
-                if real
-                else [s["student_layers"], s["student_width"]]
-            ),
-            "sources": sources,
-        },
+        "settings": _settings(args, s, params, real, sources),
         **runs,
         "provenance": provenance(started),
     }
@@ -245,6 +207,63 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_json(args.out, result)
     print(f"-> {args.out}")
     return 0
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--teacher", choices=["tiny", "real"], default="tiny",
+                    help="tiny: the 16-symbol teacher; real: SmolLM2 (see the module doc)")  # fmt: skip
+    ap.add_argument("--n", type=int, help="harvested answers per run (default 200; real: 120)")
+    ap.add_argument("--heldout", type=int, default=24, help="held-out watermarked answers")
+    ap.add_argument(
+        "--steps", type=int, help="student optimizer steps (default 600; real: 3 epochs)"
+    )
+    ap.add_argument(
+        "--sources", default="raw,served", help="which logprobs to distil, comma-separated"
+    )
+    ap.add_argument("--out", help="results file (default results/served_logprobs[_real].json)")
+    return ap.parse_args(argv)
+
+
+def _audit(
+    model: Any, tok: Any, pools: dict[str, list[str]], params: Any, excl: set, *, batch_size: int
+) -> dict[str, Any]:
+    """The argmax and soft open-mode tests of ``model`` on each pool of answers."""
+    from potstill.detect import collect_open_tuples, collect_soft, score_corpus, score_soft
+
+    k, audit = params.context_width, {}
+    for name, pool in pools.items():
+        tuples, n_tok, n_cp = collect_open_tuples(model, tok, pool, k, batch_size=batch_size)
+        r = score_corpus(tuples, radio.KEY, params, mode="open", n_texts=len(pool),
+                         n_tokens=n_tok, prompt_windows=excl, n_excluded_copies=n_cp)  # fmt: skip
+        audit[name] = {"p": r.p_value, "n_scored": r.n_scored, "green_rate": r.statistic}
+        soft = score_soft(collect_soft(model, tok, pool, k, prompt_windows=excl),
+                          radio.KEY, params, weighting="sum")  # fmt: skip
+        audit[f"{name}_soft"] = {"p": soft.p_value, "log10_p": soft.log10_p,
+                                 "p_bound": soft.p_bound, "n_scored": soft.n_scored,
+                                 "green_share": soft.statistic}  # fmt: skip
+    return audit
+
+
+def _settings(
+    args: argparse.Namespace, s: dict[str, Any], params: Any, real: bool, sources: list[str]
+) -> dict[str, Any]:
+    return {
+        "n_answers": args.n,
+        "heldout_answers": args.heldout,
+        "student_steps": args.steps,
+        "top_logprobs": 5,
+        "loss": "pure top-k KD (ce_weight 0)",
+        "teacher": s["radio_teacher"],
+        "temperature": s.get("temperature", s.get("radio_temperature")),
+        "watermark": params.to_dict(),
+        "student": (
+            f"{SMOLLM2}, top {s['train_top_layers']} of 30 layers"
+            if real
+            else [s["student_layers"], s["student_width"]]
+        ),
+        "sources": sources,
+    }
 
 
 def _green_top_mass(recs: list[dict], tok: Any, params: Any, real: bool) -> float:
