@@ -146,41 +146,28 @@ class Endpoint:
     def _post(self, bodies: list[dict[str, Any]], want: str) -> list[dict[str, Any]]:
         """Each completions request's response (``choices[0].text`` checked), with errors that
         name the endpoint."""
-        import httpx
+        from potstill.core.openai_http import open_client, post_json, route_url
 
-        url = self.base_url.rstrip("/")
-        url += "/completions" if url.endswith("/v1") else "/v1/completions"
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        http = self.client if self.client is not None else httpx.Client(timeout=self.timeout)
-        out = []
-        try:
-            for body in bodies:
-                try:
-                    resp = http.post(url, json={"model": self.model, **body}, headers=headers)
-                    if resp.status_code == 400 and body.get("echo"):
-                        raise PotstillError(
-                            f"endpoint {self.name} refused echoed logprobs ({resp.text[:200]}): "
-                            "--statistic model_ll needs them; use --statistic teacher_ll"
-                        )
-                    resp.raise_for_status()
-                    data = resp.json()
-                    if not isinstance(data["choices"][0], dict) or "text" not in data["choices"][0]:
-                        raise KeyError("text")
-                    out.append(data)
-                except httpx.HTTPError as e:
-                    raise PotstillError(
-                        f"endpoint {url} failed: {e}; check the URL and that it serves the "
-                        "OpenAI completions API"
-                    ) from None
-                except (KeyError, IndexError, TypeError, ValueError) as e:
-                    raise PotstillError(
-                        f"endpoint {url} answered without {want} "
-                        f"({type(e).__name__}); is it OpenAI-compatible?"
-                    ) from None
-        finally:
-            if self.client is None:
-                http.close()
-        return out
+        url = route_url(self.base_url, "completions")
+
+        def check(data: Any) -> None:
+            if not isinstance(data["choices"][0], dict) or "text" not in data["choices"][0]:
+                raise KeyError("text")
+
+        with open_client(self.client, self.timeout) as http:
+            return [
+                post_json(http, url, {"model": self.model, **body}, api_key=self.api_key,
+                          api="completions", want=want, check=check,
+                          on_response=self._refused_echo if body.get("echo") else None)
+                for body in bodies
+            ]  # fmt: skip
+
+    def _refused_echo(self, resp: Any) -> None:
+        if resp.status_code == 400:
+            raise PotstillError(
+                f"endpoint {self.name} refused echoed logprobs ({resp.text[:200]}): "
+                "--statistic model_ll needs them; use --statistic teacher_ll"
+            )
 
 
 Model = Candidate | Endpoint

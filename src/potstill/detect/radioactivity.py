@@ -430,37 +430,17 @@ def collect_generations(
     ``/v1/chat/completions`` per prompt (a single user turn). ``client``: an
     ``httpx.Client`` to use (tests pass one with a mock transport).
     """
-    import httpx
+    from potstill.core.openai_http import open_client, post_json, route_url
 
-    url = base_url.rstrip("/")
-    url = url + ("/chat/completions" if url.endswith("/v1") else "/v1/chat/completions")
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    own = client is None
-    http = client if client is not None else httpx.Client(timeout=timeout)
-    out: list[str] = []
-    try:
-        for prompt in prompts:
-            body = {
-                "model": model,
-                "messages": [{"role": "user", "content": prompt}],
-                "max_tokens": max_tokens,
-                "temperature": temperature,
-            }
-            try:
-                resp = http.post(url, json=body, headers=headers)
-                resp.raise_for_status()
-                out.append(str(resp.json()["choices"][0]["message"]["content"]))
-            except httpx.HTTPError as e:
-                raise PotstillError(
-                    f"suspect endpoint {url} failed: {e}; check the URL and that it serves "
-                    "the OpenAI chat API"
-                ) from None
-            except (KeyError, IndexError, TypeError, ValueError) as e:
-                raise PotstillError(
-                    f"suspect endpoint {url} answered without choices[0].message.content "
-                    f"({type(e).__name__}); is it OpenAI-compatible?"
-                ) from None
-    finally:
-        if own:
-            http.close()
-    return out
+    url = route_url(base_url, "chat/completions")
+    with open_client(client, timeout) as http:
+        answers = [
+            post_json(http, url, {"model": model, "max_tokens": max_tokens,
+                                  "temperature": temperature,
+                                  "messages": [{"role": "user", "content": prompt}]},
+                      api_key=api_key, api="chat", who="suspect endpoint",
+                      want="choices[0].message.content",
+                      check=lambda d: str(d["choices"][0]["message"]["content"]))
+            for prompt in prompts
+        ]  # fmt: skip
+    return [str(a["choices"][0]["message"]["content"]) for a in answers]

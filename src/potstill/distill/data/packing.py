@@ -146,6 +146,16 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def check_blocks(ids: torch.Tensor, attention_mask: torch.Tensor | None, name: str) -> None:
+    """ValueError unless ``ids`` is a 2-D LongTensor and the mask (if any) has its shape."""
+    if ids.dim() != 2 or ids.dtype != torch.long:
+        raise ValueError(f"{name} must be a 2-D LongTensor, got {ids.dtype} {tuple(ids.shape)}")
+    if attention_mask is not None and attention_mask.shape != ids.shape:
+        raise ValueError(
+            f"attention_mask shape {tuple(attention_mask.shape)} != {name} shape {tuple(ids.shape)}"
+        )
+
+
 class BlockDataset:
     """Fixed-length blocks with seeded, resumable batching.
 
@@ -154,15 +164,7 @@ class BlockDataset:
     """
 
     def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
-        if input_ids.dim() != 2 or input_ids.dtype != torch.long:
-            raise ValueError(
-                f"input_ids must be a 2-D LongTensor, got {input_ids.dtype} {tuple(input_ids.shape)}"
-            )
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
-                f"{tuple(input_ids.shape)}"
-            )
+        check_blocks(input_ids, attention_mask, "input_ids")
         self.input_ids = input_ids.cpu().contiguous()
         self.attention_mask = (
             attention_mask.to(device="cpu", dtype=torch.long).contiguous()

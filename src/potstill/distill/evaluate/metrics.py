@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from potstill.core.errors import PotstillError
-from potstill.distill.data.packing import IGNORE_INDEX, make_labels
+from potstill.distill.data.packing import IGNORE_INDEX, check_blocks, make_labels
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -34,14 +34,7 @@ def _safe_exp(x: float) -> float:
 def _check_inputs(
     blocks: torch.Tensor, attention_mask: torch.Tensor | None, batch_size: int
 ) -> None:
-    if blocks.dim() != 2 or blocks.dtype != torch.long:
-        raise ValueError(
-            f"blocks must be a 2-D LongTensor, got {blocks.dtype} {tuple(blocks.shape)}"
-        )
-    if attention_mask is not None and attention_mask.shape != blocks.shape:
-        raise ValueError(
-            f"attention_mask shape {tuple(attention_mask.shape)} != blocks shape {tuple(blocks.shape)}"
-        )
+    check_blocks(blocks, attention_mask, "blocks")
     if batch_size < 1:
         raise PotstillError(f"batch_size must be >= 1, got {batch_size}")
 
