@@ -281,11 +281,14 @@ def test_two_process_cache_equals_one_process(tmp_path: Path) -> None:
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
         "-m", "potstill.cli", "cache-logits", "--teacher", TEACHER, "--data", DATA, "--out", str(two),
         "--top-k", "16", "--seq-len", str(SEQ), "--batch-size", "16", "--shard-blocks", "48",
-        "--quiet",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # The run was really split: rank 0 wrote every other shard (only rank 0 logs). Each
+    # process alone would also write a complete cache, racing the other over the same files.
+    assert "[rank 0] shard 1/4" in proc.stdout and "[rank 0] shard 3/4" in proc.stdout
+    assert "shard 2/4" not in proc.stdout and "shard 4/4" not in proc.stdout, proc.stdout
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # same kernels as the launched processes
     try:

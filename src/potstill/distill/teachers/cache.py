@@ -323,6 +323,7 @@ def write_cache(job: CacheJob, *, log: Callable[[str], None] = print) -> dict[st
     Under ``accelerate launch`` every process writes its own shards.
     """
     from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
 
     from potstill.core.models import load_model
     from potstill.core.tiny import padded_vocab_size
@@ -330,7 +331,9 @@ def write_cache(job: CacheJob, *, log: Callable[[str], None] = print) -> dict[st
 
     if job.scheme not in SCHEMES:
         raise PotstillError(f"unknown --values {job.scheme!r}; use one of {', '.join(SCHEMES)}")
-    state = PartialState()
+    # PartialState, unlike Accelerator, does not read ACCELERATE_USE_CPU itself: without it,
+    # CPU processes under `accelerate launch` each ran alone and raced over the same shards.
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
     model, tok = load_model(job.teacher)
     model = model.eval().requires_grad_(False).to(state.device)
     model_vocab = logit_width(model)
