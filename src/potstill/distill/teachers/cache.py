@@ -316,24 +316,29 @@ def _teacher_rows(
     return ids_np.reshape(b, t, k), values.reshape(b, t, k), mass.reshape(b, t)
 
 
+def _process_state() -> Any:
+    """This launch's process (index, count, device). PartialState, unlike Accelerator, does
+    not read ACCELERATE_USE_CPU itself: without it, CPU processes under `accelerate launch`
+    each ran alone, wrote every shard and raced over the same files."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
 def write_cache(job: CacheJob, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the teacher over ``job.data`` once and write the cache; returns the manifest.
 
     Resumes an interrupted run in ``job.out`` shard by shard (same settings required).
     Under ``accelerate launch`` every process writes its own shards.
     """
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
     from potstill.core.models import load_model
     from potstill.core.tiny import padded_vocab_size
     from potstill.core.tokenizers import tokenizer_fingerprint
 
     if job.scheme not in SCHEMES:
         raise PotstillError(f"unknown --values {job.scheme!r}; use one of {', '.join(SCHEMES)}")
-    # PartialState, unlike Accelerator, does not read ACCELERATE_USE_CPU itself: without it,
-    # CPU processes under `accelerate launch` each ran alone and raced over the same shards.
-    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    state = _process_state()
     model, tok = load_model(job.teacher)
     model = model.eval().requires_grad_(False).to(state.device)
     model_vocab = logit_width(model)
