@@ -45,8 +45,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import make_log, sync
+from _common import make_log, sync, write_result
 from _kd_trl import run_trl
+from _provenance import provenance
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "kd_throughput.json"
@@ -310,7 +311,7 @@ def main() -> None:
     from potstill.core.models import load_model
     from potstill.distill.train.student import count_params
 
-    t_start = time.perf_counter()
+    t_start, started = time.perf_counter(), time.time()
     tmp = Path(tempfile.mkdtemp(prefix="kd_bench_"))
     teacher_model, tok = load_model(a.teacher)
     m: dict[str, Any] = {
@@ -333,9 +334,9 @@ def main() -> None:
     m.update(_kl(a, m, teacher_model, tok))  # 6. and 7.
     res = _result(a, m)
     res["wall_s"] = time.perf_counter() - t_start
+    res["provenance"] = provenance(started)
     out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
+    write_result(out, res)
     print_summary(res)
     log(f"wrote {out} in {res['wall_s']:.0f}s")
 

@@ -23,6 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write_result
+from _provenance import provenance
+
 TOPICS = [
     "the moon",
     "bread",
@@ -83,6 +87,7 @@ def _run(client: Any, reqs: list[dict[str, Any]], clients: int) -> tuple[float, 
 
 
 def main() -> None:
+    started = time.time()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--quick", action="store_true", help="8 requests x 16 tokens")
@@ -146,9 +151,9 @@ def main() -> None:
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
+    result["provenance"] = provenance(started)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(out, result)
     print(json.dumps(result, indent=2))
 
 
