@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from potstill.core.io import atomic_write_text
+from potstill.core.kvcache import cache_kw, cache_of
 
 
 def sync(device: str) -> None:
@@ -64,16 +65,6 @@ def encode_prompts(tok: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Te
     ]
     enc = tok(rendered, return_tensors="pt", padding=True, add_special_tokens=False)
     return enc["input_ids"], enc["attention_mask"]
-
-
-def cache_kw(model: Any) -> str:
-    """The KV-cache keyword of ``model.forward`` (transformers 5 renamed it to ``cache``)."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def cache_of(out: Any) -> Any:
-    return getattr(out, "cache", None) or out.past_key_values
 
 
 def last_logits_only(model: Any) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 suspect (closed-mode radioactivity, provenance): the route URL, the bearer header, the JSON
 POST, and errors that name the endpoint and what its answer lacked.
 
-The harvester has its own asyncio client (:mod:`potstill.harvest.http`): it is built for
+The harvester has its own asyncio client (:mod:`potstill.core.http`): it is built for
 thousands of concurrent requests with retries, which an audit of a few hundred prompts does
 not need.
 """
@@ -18,7 +18,7 @@ from potstill.core.errors import PotstillError
 if TYPE_CHECKING:
     import httpx
 
-__all__ = ["open_client", "post_json", "route_url"]
+__all__ = ["first_model", "open_client", "post_json", "route_url"]
 
 
 def route_url(base_url: str, route: str) -> str:
@@ -81,3 +81,21 @@ def post_json(
         raise PotstillError(
             f"{who} {url} answered without {want} ({type(e).__name__}); is it OpenAI-compatible?"
         ) from None
+
+
+def first_model(base_url: str, *, api_key: str | None, timeout: float) -> str:
+    """The id of the first model ``GET /v1/models`` lists (PotstillError naming the endpoint)."""
+    import httpx
+
+    url = route_url(base_url, "models")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        resp = httpx.get(url, headers=headers, timeout=timeout)
+        resp.raise_for_status()
+        return str(resp.json()["data"][0]["id"])
+    except httpx.HTTPError as e:
+        raise PotstillError(
+            f"endpoint {url} failed: {e}; check the URL, the key, or name the model explicitly"
+        ) from None
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise PotstillError(f"endpoint {url} lists no models; name the model explicitly") from None

@@ -16,7 +16,13 @@ not here: a config may name a directory a previous step has yet to write.
 
 Teacher kinds (:data:`TeacherSpec`): ``none`` (:class:`NoTeacher`: the data carries the
 teacher's outputs, or CE alone), ``cache:DIR`` (:class:`CachedTeacher`: a top-k logit cache),
-or a model spec (a live teacher).
+``http(s)://host[:port]/v1`` (:class:`EndpointTeacherSpec`: an OpenAI-compatible endpoint that
+scores tokens by echoed logprobs), or a model spec (a live teacher).
+
+Prompt sources of on-policy rollouts (:data:`PromptSource`): ``data`` (:class:`DataPrompts`:
+the start of each training sequence), ``default`` (:class:`DefaultPrompts`: potstill's
+instruction set), ``harvest:STORE.sqlite`` (:class:`HarvestPrompts`: a harvest's prompts) or a
+path (:class:`PromptsFile`: .jsonl with ``prompt``/``messages``, or one prompt per line).
 
 Data sources (:data:`DataSource`): ``shakespeare:train|heldout`` (:class:`ShakespeareText`),
 ``synthetic:<seed>[:<n_docs>]`` (:class:`SyntheticText`), ``harvest:STORE.sqlite`` and
@@ -41,12 +47,18 @@ __all__ = [
     "AliasModel",
     "CachedTeacher",
     "ChatSource",
+    "DataPrompts",
     "DataSource",
+    "DefaultPrompts",
+    "EndpointTeacherSpec",
     "GgufAlias",
     "GgufModel",
     "HFDirModel",
+    "HarvestPrompts",
     "ModelSpec",
     "NoTeacher",
+    "PromptSource",
+    "PromptsFile",
     "ShakespeareText",
     "SyntheticText",
     "TeacherSpec",
@@ -54,6 +66,7 @@ __all__ = [
     "TinyModel",
     "parse_data_source",
     "parse_model_spec",
+    "parse_prompt_source",
     "parse_teacher_spec",
 ]
 
@@ -182,15 +195,35 @@ class CachedTeacher:
         return f"cache:{self.text}"
 
 
-TeacherSpec = NoTeacher | CachedTeacher | ModelSpec
+@dataclass(frozen=True)
+class EndpointTeacherSpec:
+    """An OpenAI-compatible endpoint's base URL (``http(s)://host[:port][/v1]``)."""
+
+    url: str
+
+    def __str__(self) -> str:
+        return self.url
+
+
+TeacherSpec = NoTeacher | CachedTeacher | EndpointTeacherSpec | ModelSpec
 
 
 def parse_teacher_spec(spec: str | TeacherSpec) -> TeacherSpec:
-    """``none``, ``cache:DIR`` or a model spec; PotstillError if bad."""
-    if isinstance(spec, (NoTeacher, CachedTeacher, *_MODEL_TYPES)):
+    """``none``, ``cache:DIR``, an endpoint URL or a model spec; PotstillError if bad."""
+    if isinstance(spec, (NoTeacher, CachedTeacher, EndpointTeacherSpec, *_MODEL_TYPES)):
         return spec
     if isinstance(spec, str) and spec.strip() == "none":
         return NoTeacher()
+    if isinstance(spec, str) and spec.strip().lower().startswith(("http://", "https://")):
+        from urllib.parse import urlsplit
+
+        url = spec.strip()
+        if not urlsplit(url).hostname:
+            raise PotstillError(
+                f"bad teacher endpoint {url!r}: use http(s)://host[:port]/v1, "
+                "e.g. http://127.0.0.1:8000/v1"
+            )
+        return EndpointTeacherSpec(url)
     if isinstance(spec, str) and spec.strip().startswith("cache:"):
         where = spec.strip().removeprefix("cache:")
         if not where:
@@ -289,3 +322,69 @@ def _synthetic(text: str, rest: str) -> SyntheticText:
             "n_docs >= 1, e.g. synthetic:0:200"
         ) from None
     return SyntheticText(seed, n_docs, text)
+
+
+# ----------------------------------------------------------------------------- prompts
+
+PROMPT_FORMS = "data, default, harvest:STORE.sqlite, or a prompts file (.jsonl or .txt)"
+
+
+@dataclass(frozen=True)
+class DataPrompts:
+    """The first tokens of each training sequence (text), or its turns before the answer (chat)."""
+
+    def __str__(self) -> str:
+        return "data"
+
+
+@dataclass(frozen=True)
+class DefaultPrompts:
+    """potstill's default instruction prompts (:func:`potstill.core.prompts.default_prompts`)."""
+
+    def __str__(self) -> str:
+        return "default"
+
+
+@dataclass(frozen=True)
+class HarvestPrompts:
+    """The prompts (every turn before the last answer) of a harvest store."""
+
+    path: Path
+    text: str
+
+    def __str__(self) -> str:
+        return f"harvest:{self.text}"
+
+
+@dataclass(frozen=True)
+class PromptsFile:
+    """A prompts file (:func:`potstill.core.prompts.read_prompts`)."""
+
+    path: Path
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+PromptSource = DataPrompts | DefaultPrompts | HarvestPrompts | PromptsFile
+_PROMPT_TYPES = (DataPrompts, DefaultPrompts, HarvestPrompts, PromptsFile)
+
+
+def parse_prompt_source(source: str | PromptSource) -> PromptSource:
+    """The prompt source ``source`` names (:data:`PROMPT_FORMS`); PotstillError if bad."""
+    if isinstance(source, _PROMPT_TYPES):
+        return source
+    if not isinstance(source, str) or not source.strip():
+        raise PotstillError(f"bad prompt source {source!r}: empty; use {PROMPT_FORMS}")
+    text = source.strip()
+    if text == "data":
+        return DataPrompts()
+    if text == "default":
+        return DefaultPrompts()
+    head, sep, rest = text.partition(":")
+    if head == "harvest" and sep:
+        if not rest:
+            raise PotstillError(f"bad prompt source {text!r}: give a path after harvest:")
+        return HarvestPrompts(Path(rest).expanduser(), rest)
+    return PromptsFile(Path(text).expanduser(), text)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import inspect
 import json
 import math
 import time
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from potstill.core.errors import PotstillError
+from potstill.core.kvcache import cache_kw
 from potstill.core.tokenizers import logit_width
 
 if TYPE_CHECKING:
@@ -312,8 +312,7 @@ class AntidistillPerturbation:
         self.plus = _shifted_copy(proxy, grads, self.eps, device)
         self.minus = _shifted_copy(proxy, grads, -self.eps, device)
         self.vocab_size = logit_width(self.plus)
-        params = inspect.signature(self.plus.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache_kw = cache_kw(self.plus)
 
     @property
     def device(self) -> torch.device:

@@ -32,9 +32,11 @@ from potstill.core.errors import PotstillError
 from potstill.core.specs import (
     DataSource,
     ModelSpec,
+    PromptSource,
     TeacherSpec,
     parse_data_source,
     parse_model_spec,
+    parse_prompt_source,
     parse_teacher_spec,
 )
 
@@ -65,6 +67,9 @@ ModelField = Annotated[
 DataField = Annotated[
     DataSource, _parse_with(parse_data_source), PlainSerializer(str, return_type=str)
 ]
+PromptField = Annotated[
+    PromptSource, _parse_with(parse_prompt_source), PlainSerializer(str, return_type=str)
+]
 
 
 class _Strict(BaseModel):
@@ -76,8 +81,28 @@ class TeacherConfig(_Strict):
         "smollm2-135m-instruct",
         description=(
             "Teacher: a model spec (tiny:<seed>[:<L>x<W>], an alias, an HF directory, a .gguf file), "
-            "cache:DIR (a logit cache), or none (the data carries the teacher's outputs)."
+            "cache:DIR (a logit cache), http(s)://host:port/v1 (an OpenAI-compatible endpoint "
+            "that scores tokens by echoed logprobs), or none (the data carries the teacher's "
+            "outputs)."
         ),
+    )
+    model: str | None = Field(
+        None,
+        description="Endpoint teacher: the served model's name; null = the first of /v1/models.",
+    )
+    api_key_env: str | None = Field(
+        None,
+        description="Endpoint teacher: the environment variable holding its API key (the key "
+        "itself is never written to a config or log).",
+    )
+    top_logprobs: int = Field(
+        20, ge=1, le=100, description="Endpoint teacher: top-k logprobs asked per position."
+    )
+    concurrency: int = Field(
+        8, ge=1, le=256, description="Endpoint teacher: requests in flight at once."
+    )
+    timeout_s: float = Field(
+        120.0, gt=0.0, description="Endpoint teacher: seconds per request before a retry."
     )
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "float32",
@@ -124,6 +149,35 @@ class StudentConfig(_Strict):
         return self
 
 
+class OnPolicyConfig(_Strict):
+    """GKD-style on-policy distillation: some micro-batches are the student's own samples."""
+
+    lmbda: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Fraction of micro-batches whose completions are sampled from the current "
+        "student (GKD's lambda); 0 = off-policy only, 1 = on-policy only.",
+    )
+    temperature: float = Field(
+        1.0, ge=0.0, le=2.0, description="Student sampling temperature; 0 = greedy."
+    )
+    max_new_tokens: int = Field(
+        64, ge=1, le=4096, description="Tokens the student samples per completion, at most."
+    )
+    prompts: PromptField = Field(
+        "data",
+        description="Rollout prompts: data (the start of each training sequence), default, "
+        "harvest:STORE.sqlite, or a prompts file (.jsonl or .txt).",
+    )
+    prompt_tokens: int = Field(
+        32,
+        ge=1,
+        description="With prompts=data on plain text: the first N tokens of a sequence are "
+        "its prompt.",
+    )
+
+
 class LossConfig(_Strict):
     kind: LossKind = Field("forward_kl", description="KD divergence between teacher and student.")
     beta: float = Field(
@@ -145,6 +199,9 @@ class LossConfig(_Strict):
         None,
         ge=1,
         description="Compute the student's projection and KD loss in chunks of this many tokens (bounded memory).",
+    )
+    on_policy: OnPolicyConfig | None = Field(
+        None, description="On-policy rollouts (GKD); null = train on the data only."
     )
 
 
@@ -213,6 +270,16 @@ class DistillConfig(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimiser and schedule.")
     data: DataConfig = Field(default_factory=DataConfig, description="Data.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
+
+    @model_validator(mode="after")
+    def _on_policy_fits(self) -> DistillConfig:
+        op = self.loss.on_policy
+        if op is not None and op.lmbda > 0 and op.max_new_tokens >= self.data.seq_len:
+            raise ValueError(
+                f"loss.on_policy.max_new_tokens={op.max_new_tokens} leaves no room for a prompt "
+                f"in data.seq_len={self.data.seq_len}; lower it or raise data.seq_len"
+            )
+        return self
 
 
 C = TypeVar("C", bound=BaseModel)

@@ -3,7 +3,7 @@
 ``harvest(prompts, store, endpoint=..., model=...)`` sends every (prompt, sample) whose key
 (:func:`potstill.core.store.record_key`) is not yet in the store, with at most
 ``concurrency`` requests in flight (``concurrency`` worker tasks, each with its own keep-alive
-connection, :mod:`potstill.harvest.http`).
+connection, :mod:`potstill.core.http`).
 
 Retries: 408/409/425/429/5xx, timeouts and connection errors are retried up to
 ``max_retries`` times with exponential backoff and full jitter (``uniform(0, min(cap,
@@ -40,7 +40,7 @@ from typing import Any, Literal
 from potstill.core import store as st
 from potstill.core.errors import PotstillError
 from potstill.core.faults import fault_point
-from potstill.harvest.http import Connection, ConnectionLost, Endpoint, Response
+from potstill.core.http import Connection, ConnectionLost, Endpoint, Response
 
 Messages = list[dict[str, str]]
 RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524})

@@ -39,7 +39,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import copy
-import inspect
 import itertools
 import secrets
 import threading
@@ -47,6 +46,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from potstill.core.kvcache import cache_kw
 from potstill.core.tokenizers import real_vocab_size
 from potstill.serve.events import (
     EngineStats,
@@ -114,8 +114,7 @@ class Engine:
         max_pos = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 2048
         self.context_length = min(context_length or max_pos, max_pos)
         self.token_text = TokenText(self._tok)
-        params = inspect.signature(model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache_kw = cache_kw(model)
         self._row_keys = itertools.count()
         self.stats = EngineStats()
         self._pending: collections.deque[RequestGroup] = collections.deque()

@@ -68,14 +68,19 @@ class Job:
 
 
 def completion_logprobs(
-    tt: TokenText, items: list[TokenLogprob], base: int
+    tt: TokenText, items: list[TokenLogprob], base: int, *, as_ids: bool = False
 ) -> dict[str, list[Any]]:
-    """The /v1/completions ``logprobs`` object; ``base``: text offset of the first item."""
+    """The /v1/completions ``logprobs`` object; ``base``: text offset of the first item.
+    ``as_ids`` names tokens ``"token_id:N"`` (vLLM's ``return_tokens_as_token_ids``)."""
+
+    def name(token_id: int) -> str:
+        return f"token_id:{token_id}" if as_ids else tt.get(token_id)[1]
+
     return {
-        "tokens": [tt.get(x.token_id)[1] for x in items],
+        "tokens": [name(x.token_id) for x in items],
         "token_logprobs": [x.logprob for x in items],
         "top_logprobs": [
-            None if x.logprob is None else {tt.get(i)[1]: lp for i, lp in x.top} for x in items
+            None if x.logprob is None else {name(i): lp for i, lp in x.top} for x in items
         ],
         "text_offset": [base + x.offset for x in items],
     }

@@ -110,6 +110,9 @@ class CompletionRequest(_Sampling):
     max_tokens: int | None = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool | None = False
+    # vLLM's extension: name logprob tokens "token_id:N", so a client maps them to ids exactly
+    # (two ids can print the same string). Distillation against an endpoint needs it.
+    return_tokens_as_token_ids: bool | None = False
 
     def top_logprobs_asked(self) -> int | None:
         """Top-k logprobs this request would be served per token (None: no logprobs)."""

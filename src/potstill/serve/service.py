@@ -319,6 +319,7 @@ class Service:
 
     async def completions(self, body: CompletionRequest, request: Request, kid: str) -> Any:
         echo, top = bool(body.echo), body.logprobs
+        as_ids = bool(body.return_tokens_as_token_ids)
         self.audit_params(
             request, body, max_tokens=body.max_tokens, logprobs=top, echo=echo, top_logprobs=top
         )
@@ -333,8 +334,11 @@ class Service:
             p = job.prompt_of(ev.index)
             lps = None
             if top is not None:
-                lp = completion_logprobs(tt, list(ev.prompt_logprobs or []) if echo else [], 0)
-                more = completion_logprobs(tt, ev.logprobs, len(p.text) if echo else 0)
+                prompt_lps = list(ev.prompt_logprobs or []) if echo else []
+                lp = completion_logprobs(tt, prompt_lps, 0, as_ids=as_ids)
+                more = completion_logprobs(
+                    tt, ev.logprobs, len(p.text) if echo else 0, as_ids=as_ids
+                )
                 lps = {k: lp[k] + more[k] for k in lp}
             text = (p.text if echo and first else "") + ev.text
             return {"index": ev.index, "text": text, "logprobs": lps,

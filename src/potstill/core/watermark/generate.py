@@ -35,13 +35,11 @@ def generate_ids(
     in transformers 5, ``.past_key_values`` before; without one, each step re-reads all ids). ``allowed_ids``: if given,
     every other id gets probability 0 (e.g. printable bytes, so text round-trips).
     """
-    import inspect
-
     import torch
 
-    # transformers 5.x renamed the KV-cache argument/output `past_key_values` -> `cache`.
-    forward = getattr(model, "forward", model)
-    cache_kw = "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+    from potstill.core.kvcache import cache_kw, cache_of
+
+    kw = cache_kw(model)
     ids = prompt_ids.long()
     past: Any = None
     keep: torch.Tensor | None = None
@@ -51,10 +49,8 @@ def generate_ids(
             if past is None:
                 out = model(input_ids=ids, use_cache=True)
             else:
-                out = model(input_ids=ids[:, -1:], use_cache=True, **{cache_kw: past})
-            past = getattr(out, "cache", None)
-            if past is None:
-                past = getattr(out, "past_key_values", None)
+                out = model(input_ids=ids[:, -1:], use_cache=True, **{kw: past})
+            past = cache_of(out)
             logits = out.logits[:, -1, :].float() / temperature
             if allowed_ids is not None:
                 if keep is None:

@@ -10,7 +10,13 @@ import torch
 from torch import nn
 
 from potstill.core.errors import PotstillError
-from potstill.core.specs import CachedTeacher, ModelSpec, NoTeacher, parse_model_spec
+from potstill.core.specs import (
+    CachedTeacher,
+    EndpointTeacherSpec,
+    ModelSpec,
+    NoTeacher,
+    parse_model_spec,
+)
 from potstill.distill.config import DistillConfig
 from potstill.distill.train.student import build_student
 
@@ -19,6 +25,8 @@ def load_teacher(cfg: DistillConfig, tokenizer: Any, student_vocab: int) -> Any:
     spec = cfg.teacher.spec
     if cfg.loss.ce_weight >= 1.0 or isinstance(spec, NoTeacher | CachedTeacher):
         return None  # CE alone, or the data carries the teacher's targets
+    if isinstance(spec, EndpointTeacherSpec):
+        return load_endpoint_teacher(cfg, spec, tokenizer, student_vocab)
     from potstill.core.hardware import resolve_dtype
     from potstill.distill.teachers import HFTeacher
 
@@ -27,6 +35,38 @@ def load_teacher(cfg: DistillConfig, tokenizer: Any, student_vocab: int) -> Any:
     return HFTeacher.from_spec(
         spec, student_tokenizer=tokenizer, student_vocab_size=student_vocab, dtype=dtype
     )
+
+
+def load_endpoint_teacher(
+    cfg: DistillConfig, spec: EndpointTeacherSpec, tokenizer: Any, student_vocab: int
+) -> Any:
+    """An :class:`~potstill.distill.teachers.endpoint.EndpointTeacher`, checked against the
+    student's tokenizer (PotstillError if the endpoint lacks a capability or disagrees)."""
+    import os
+
+    from potstill.core.openai_http import first_model
+    from potstill.distill.teachers.endpoint import EndpointTeacher
+
+    tc = cfg.teacher
+    key = None
+    if tc.api_key_env is not None:
+        key = os.environ.get(tc.api_key_env)
+        if not key:
+            raise PotstillError(
+                f"teacher.api_key_env={tc.api_key_env!r} but that environment variable is "
+                "unset or empty; export it, or unset teacher.api_key_env"
+            )
+    model = tc.model or first_model(spec.url, api_key=key, timeout=tc.timeout_s)
+    teacher = EndpointTeacher(
+        spec.url, model=model, api_key=key, top_logprobs=tc.top_logprobs,
+        concurrency=tc.concurrency, timeout_s=tc.timeout_s, vocab_size=student_vocab,
+    )  # fmt: skip
+    try:
+        teacher.check(tokenizer)
+    except BaseException:
+        teacher.close()
+        raise
+    return teacher
 
 
 def tokenizer_spec(cfg: DistillConfig) -> ModelSpec:
@@ -41,7 +81,7 @@ def tokenizer_spec(cfg: DistillConfig) -> ModelSpec:
         from potstill.distill.teachers.cache import read_manifest
 
         return parse_model_spec(str(read_manifest(spec.path)["teacher"]))
-    if isinstance(spec, NoTeacher | CachedTeacher):
+    if isinstance(spec, NoTeacher | CachedTeacher | EndpointTeacherSpec):
         if checkpoint is not None:
             return checkpoint
         raise PotstillError(
@@ -124,3 +164,9 @@ def check_teacher_signal(cfg: DistillConfig, *, live: bool, sparse: bool) -> Non
             "model or cache:DIR, data with top-k logprobs, or loss.ce_weight=1.0 for plain SFT"
         )
     check_sparse_temperature(cfg, sparse=sparse)
+    if sparse and cfg.loss.ce_weight < 1.0 and cfg.loss.kind != "forward_kl":
+        raise PotstillError(
+            f"loss.kind={cfg.loss.kind} needs the teacher's full distribution, but the teacher "
+            f"is known only by top-k logprobs (teacher.spec={str(cfg.teacher.spec)!r}, or the "
+            "data's); use loss.kind=forward_kl (top-k plus a tail bucket), or a live teacher"
+        )

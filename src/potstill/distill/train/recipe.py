@@ -52,6 +52,7 @@ from potstill.distill.train.models import (
     load_teacher,
     tokenizer_spec,
 )
+from potstill.distill.train.onpolicy import Rollouts, make_rollouts
 from potstill.distill.train.student import count_params
 
 
@@ -157,11 +158,14 @@ def micro_loss(
 
     The teacher signal comes from, in order: sparse top-k targets in the batch
     (``topk_ids``/``topk_logprobs`` [B,T,K], from a logit cache or harvested API
-    logprobs), the online teacher (full logits, chunked when
-    ``loss.chunk_tokens`` is set), or nothing (CE alone).
+    logprobs, or ``pending``: a future of them from an endpoint teacher), the online
+    teacher (full logits, chunked when ``loss.chunk_tokens`` is set), or nothing (CE alone).
     """
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     hidden = model(ids, mask)
+    if "pending" in batch:  # an endpoint teacher scored (is scoring) while the student ran
+        k_ids, k_lps = batch["pending"].result()
+        batch = {**batch, "topk_ids": k_ids.to(ids.device), "topk_logprobs": k_lps.to(ids.device)}
     weight = model.module.head_weight if hasattr(model, "module") else model.head_weight
     if cfg.loss.chunk_tokens is not None and teacher is not None and "topk_ids" not in batch:
         from potstill.distill.losses import fused_linear_kd_loss
@@ -239,9 +243,34 @@ def run_distill(
     student = load_student(cfg, tokenizer)
     vocab = student.get_output_embeddings().weight.shape[0]
     teacher = load_teacher(cfg, tokenizer, vocab)
-    if teacher is not None:
+    try:
+        _run(cfg, acc, out, resume, tokenizer, data, student, teacher, stop_after, show_progress)
+    finally:
+        if hasattr(teacher, "close"):
+            teacher.close()  # an endpoint teacher's connections and event loop
+    return out
+
+
+def _run(
+    cfg: DistillConfig, acc: Any, out: Path, resume: bool, tokenizer: Any, data: TrainData,
+    student: nn.Module, teacher: Any, stop_after: int | None, show_progress: bool,
+) -> None:  # fmt: skip
+    """Steps 1 (the rest) to 4 of :func:`run_distill`."""
+    from potstill.distill.teachers.endpoint import EndpointTeacher
+
+    endpoint = isinstance(teacher, EndpointTeacher)
+    if teacher is not None and not endpoint:
         teacher.to(acc.device)
-    check_teacher_signal(cfg, live=teacher is not None, sparse=data.targets is not None)
+    check_teacher_signal(
+        cfg, live=teacher is not None and not endpoint, sparse=data.targets is not None or endpoint
+    )
+    rollouts = _rollouts(cfg, tokenizer, acc.num_processes)
+    if rollouts is not None and teacher is None:
+        raise PotstillError(
+            f"loss.on_policy.lmbda={cfg.loss.on_policy.lmbda} needs a teacher that scores the "  # type: ignore[union-attr]
+            f"student's samples, but teacher.spec={str(cfg.teacher.spec)!r} (with "
+            f"loss.ce_weight={cfg.loss.ce_weight}) gives none: use a model or an endpoint URL"
+        )
     config_dict = json.loads(json.dumps(cfg.model_dump(mode="json")))
     config_dict.pop("out_dir")
     resume_from = (
@@ -264,10 +293,10 @@ def run_distill(
     acc.wait_for_everyone()
 
     # 3. The loop.
-    _train_loop(cfg, acc, model, optimizer, sched, teacher, data, progress, out,
+    _train_loop(cfg, acc, model, optimizer, sched, teacher, data, rollouts, progress, out,
                 stop_after=stop_after, show_progress=show_progress)  # fmt: skip
     if stop_after is not None and progress.step < cfg.train.steps:
-        return out
+        return
 
     # 4. Outputs.
     acc.wait_for_everyone()
@@ -278,6 +307,37 @@ def run_distill(
             tokenizer.save_pretrained(tmp)
         _plot(out)
     acc.wait_for_everyone()
+
+
+def _rollouts(cfg: DistillConfig, tokenizer: Any, world_size: int) -> Rollouts | None:
+    op = cfg.loss.on_policy
+    if op is None or op.lmbda == 0.0:
+        return None  # lmbda = 0 is the off-policy recipe exactly: nothing is sampled
+    return make_rollouts(
+        op, tokenizer, seq_len=cfg.data.seq_len, seed=cfg.train.seed,
+        micro_batch_size=cfg.train.micro_batch_size, world_size=world_size,
+    )  # fmt: skip
+
+
+def _micro_batches(
+    cfg: DistillConfig, acc: Any, model: Any, data: TrainData, rollouts: Rollouts | None,
+    teacher: Any, progress: Progress,
+) -> list[dict[str, Any]]:  # fmt: skip
+    """The step's micro-batches: data, or the student's rollouts where on-policy; an
+    endpoint teacher is asked to score them all at once (each gets a ``pending`` future)."""
+    from potstill.distill.teachers.endpoint import EndpointTeacher
+
+    out: list[dict[str, Any]] = []
+    for i in range(cfg.train.grad_accum):
+        g = progress.micro_batches + i
+        batch: dict[str, Any] = data.micro_batch(g, acc.process_index)
+        if rollouts is not None and rollouts.on_policy(g):
+            batch = rollouts.batch(acc.unwrap_model(model).lm, g, acc.process_index, batch)
+        if isinstance(teacher, EndpointTeacher):
+            batch["pending"] = teacher.submit(
+                batch["input_ids"], batch["attention_mask"], batch["labels"]
+            )
+        out.append(batch)
     return out
 
 
@@ -304,6 +364,7 @@ def _train_loop(
     sched: Any,
     teacher: Any,
     data: TrainData,
+    rollouts: Rollouts | None,
     progress: Progress,
     out: Path,
     *,
@@ -316,10 +377,7 @@ def _train_loop(
     bar = _progress_bar(acc.is_main_process and show_progress, cfg.train.steps, progress.step)
     model.train()
     while progress.step < tc.steps:
-        batches = [
-            data.micro_batch(progress.micro_batches + i, acc.process_index)
-            for i in range(tc.grad_accum)
-        ]
+        batches = _micro_batches(cfg, acc, model, data, rollouts, teacher, progress)
         # Unmasked tokens of the whole step, summed over processes: the one normaliser.
         local_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
         n_tokens = int(acc.reduce(torch.tensor(local_tokens, device=acc.device), "sum").item())
@@ -328,7 +386,7 @@ def _train_loop(
         # total, ce, kd (token sums) and what backward actually saw, to catch NaNs the terms miss
         step_sums = torch.zeros(4)
         for i, batch in enumerate(batches):
-            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            batch = {k: v.to(acc.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
             sync = i == len(batches) - 1
             ctx = acc.no_sync(model) if not sync else _null()
             with ctx, acc.autocast():
