@@ -39,7 +39,6 @@ import json
 import math
 import os
 import platform
-import random
 import sys
 import tempfile
 import time
@@ -53,7 +52,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from potstill.defend.antidistill import AntidistillPerturbation, fit_antidistill_grad
-from potstill.distill.evaluate.tasks import TaskExample, accuracy, make_examples, reference_output
+from potstill.distill.evaluate.tasks import TaskExample, accuracy, make_examples
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _antidistill_report import (
@@ -71,10 +70,10 @@ from _antidistill_sampling import REAL_VOCAB, cost_batched, cost_engine, sample_
 from _antidistill_sampling import sample_batch as sample_batch  # the tests drive it directly
 from _common import make_log, write_result
 from _provenance import provenance
+from _task import TOKENIZER, ground_truth, train_lm
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-TOKENIZER = "tiny:0"  # the byte tokenizer with a ChatML template
 TASK_SYMBOLS = "0123456789+= "  # with <|im_end|>: what a correct answer is made of
 MAX_TEACHER_DROP = 0.05  # the antidistill operating point: teacher accuracy drop <= 5 points
 
@@ -140,48 +139,6 @@ def split_examples(s: dict[str, Any]) -> dict[str, list[TaskExample]]:
         out[name], at = train[at : at + n], at + n
     out["test"], out["ref"] = test[: s["n_test"]], test[s["n_test"] :]
     return out
-
-
-def ground_truth(examples: list[TaskExample], seed: int, copies: int = 1) -> list[tuple[str, str]]:
-    """``copies`` random reference traces per example, as (prompt, output) pairs."""
-    rng = random.Random(seed)
-    return [(e.prompt, reference_output(e, rng)) for e in examples for _ in range(copies)]
-
-
-def train_lm(s: dict[str, Any], pairs: list[tuple[str, str]], shape: list[int], steps: int,
-             work: Path, name: str) -> tuple[Any, dict[str, Any]]:  # fmt: skip
-    """A scratch Llama ``shape = [layers, width, seed]`` trained by ``run_distill`` (CE on the
-    assistant tokens of the (prompt, output) pairs); returns (model in eval mode, info)."""
-    from transformers import AutoModelForCausalLM
-
-    from potstill.distill.config import DistillConfig
-    from potstill.distill.train.recipe import run_distill
-
-    path = work / f"{name}.jsonl"
-    with path.open("w") as fh:
-        for p, out in pairs:
-            msgs = [{"role": "user", "content": p}, {"role": "assistant", "content": out}]
-            fh.write(json.dumps({"messages": msgs}) + "\n")
-    layers, width, seed = shape
-    cfg = DistillConfig.model_validate(
-        {
-            "out_dir": str(work / f"run_{name}"),
-            "teacher": {"spec": "none"},
-            "student": {"init": "scratch", "layers": layers, "width": width, "seed": seed,
-                        "tokenizer": TOKENIZER},
-            "loss": {"ce_weight": 1.0},
-            "optim": {"lr": s["lr"], "warmup_steps": 20, "weight_decay": 0.0},
-            "data": {"train": f"messages:{path}", "eval": None, "seq_len": s["seq_len"]},
-            "train": {"steps": steps, "micro_batch_size": s["batch"], "save_every": 0,
-                      "eval_every": 0, "log_every": 10, "seed": 0, "threads": s["threads"]},
-        }
-    )  # fmt: skip
-    t0 = time.perf_counter()
-    out = run_distill(cfg, show_progress=False)
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    last = [r for r in rows if r.get("split") == "train"][-1]
-    model = AutoModelForCausalLM.from_pretrained(out / "student").eval()
-    return model, {"final_train_ce": last["ce"], "train_s": time.perf_counter() - t0}
 
 
 # ----------------------------------------------------------------------------- proxy, delta

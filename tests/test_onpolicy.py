@@ -151,3 +151,17 @@ def test_on_policy_without_a_teacher_that_scores_is_refused(tmp_path: Path) -> N
     with pytest.raises(PotstillError, match="needs a teacher that scores"):
         run_distill(cfg, show_progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_sampler_draws_from_the_softmax_at_its_temperature() -> None:
+    from scipy.stats import chisquare
+
+    from potstill.distill.train.rollout import _draw
+
+    logits = torch.tensor([[2.0, 0.0, -1.0, 1.0, -3.0]]).repeat(20000, 1)
+    g = torch.Generator().manual_seed(0)
+    for temperature in (1.0, 0.5):
+        got = torch.bincount(_draw(logits, temperature, g), minlength=5).double()
+        want = torch.softmax(logits[0].double() / temperature, -1) * len(logits)
+        assert chisquare(got.numpy(), want.numpy()).pvalue > 1e-3
+    assert bool((_draw(logits[:3], 0.0, g) == 0).all())

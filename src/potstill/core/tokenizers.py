@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 from typing import TYPE_CHECKING, Any
 
 from potstill.core.errors import PotstillError
@@ -25,8 +26,12 @@ __all__ = [
     "logit_width",
     "real_vocab_size",
     "shared_vocab_size",
+    "token_bytes",
     "tokenizer_fingerprint",
+    "vocab_bytes",
 ]
+
+_HEX_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 # Special tokens that change what a model is trained to emit. pad is left out on purpose:
 # training code often sets pad := eos on one side only, and padded positions are masked.
@@ -138,3 +143,53 @@ def shared_vocab_size(
             "pad_to_multiple_of=64)) or use a matching checkpoint."
         )
     return shared
+
+
+class _Pieces:
+    """What turning one token's vocabulary piece into bytes needs to know of its tokenizer."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        decoder = getattr(backend, "decoder", None) if backend is not None else None
+        self.byte_level = type(decoder).__name__ == "ByteLevel"
+        # SentencePiece-style (Metaspace, or Replace("\u2581", " ")): pieces spell spaces as U+2581
+        self.metaspace = not self.byte_level and "\u2581" in repr(decoder)
+        self.byte_decoder = {c: b for b, c in gpt2_byte_table().items()}
+        self.special = set(getattr(tokenizer, "all_special_ids", []) or [])
+
+
+def token_bytes(
+    tokenizer: PreTrainedTokenizerBase, token_id: int, _p: _Pieces | None = None
+) -> bytes:
+    """The raw bytes token ``token_id`` stands for.
+
+    Byte-level BPE pieces map through :func:`gpt2_byte_table`; SentencePiece pieces turn
+    ``"▁"`` into a space and ``<0xNN>`` byte-fallback pieces into that byte; special tokens
+    and anything else are decoded as text.
+    """
+    p = _p or _Pieces(tokenizer)
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if token_id not in p.special and isinstance(piece, str):
+        if p.byte_level and all(c in p.byte_decoder for c in piece):
+            return bytes(p.byte_decoder[c] for c in piece)
+        m = _HEX_BYTE.fullmatch(piece)
+        if m is not None:
+            return bytes([int(m.group(1), 16)])
+        if p.metaspace:
+            return piece.replace("\u2581", " ").encode("utf-8")
+    return tokenizer.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
+
+def vocab_bytes(tokenizer: PreTrainedTokenizerBase) -> list[bytes | None]:
+    """:func:`token_bytes` of every id below ``len(tokenizer)``; None for special and added
+    control tokens (``<bos>``, ``<|im_end|>``...), which stand for no text."""
+    p = _Pieces(tokenizer)
+    added = {
+        i
+        for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items()
+        if getattr(t, "special", False)
+    }
+    return [
+        None if (i in p.special or i in added) else token_bytes(tokenizer, i, p)
+        for i in range(len(tokenizer))
+    ]

@@ -178,6 +178,25 @@ class OnPolicyConfig(_Strict):
     )
 
 
+class CrossTokenizerConfig(_Strict):
+    """KD between different tokenizers, on byte-aligned positions (potstill.distill.losses.crosstok)."""
+
+    kind: Literal["hybrid", "uld"] = Field(
+        "hybrid",
+        description="hybrid: exact KL on the shared tokens plus ULD on the rest; uld: ULD "
+        "(sorted-probability L1) on the whole distributions.",
+    )
+    uld_weight: float = Field(
+        1.0, ge=0.0, description="hybrid: weight of the ULD term on the unshared tokens."
+    )
+    uld_top: int = Field(
+        256, ge=1, description="Largest probabilities per side that ULD compares (sorted)."
+    )
+    chunk_rows: int = Field(
+        256, ge=1, description="Aligned positions whose teacher logits exist at once."
+    )
+
+
 class LossConfig(_Strict):
     kind: LossKind = Field("forward_kl", description="KD divergence between teacher and student.")
     beta: float = Field(
@@ -202,6 +221,11 @@ class LossConfig(_Strict):
     )
     on_policy: OnPolicyConfig | None = Field(
         None, description="On-policy rollouts (GKD); null = train on the data only."
+    )
+    cross_tokenizer: CrossTokenizerConfig | None = Field(
+        None,
+        description="Distil from a teacher with another tokenizer (needs student.tokenizer); "
+        "null = the tokenizers must agree.",
     )
 
 
@@ -270,6 +294,22 @@ class DistillConfig(_Strict):
     optim: OptimConfig = Field(default_factory=OptimConfig, description="Optimiser and schedule.")
     data: DataConfig = Field(default_factory=DataConfig, description="Data.")
     train: TrainConfig = Field(default_factory=TrainConfig, description="Training loop.")
+
+    @model_validator(mode="after")
+    def _cross_tokenizer_needs(self) -> DistillConfig:
+        if self.loss.cross_tokenizer is None:
+            return self
+        if self.student.tokenizer is None and self.student.init != "checkpoint":
+            raise ValueError(
+                "loss.cross_tokenizer needs the student's own tokenizer: set student.tokenizer "
+                "(a model spec), or start from student.checkpoint"
+            )
+        if self.loss.kind != "forward_kl":
+            raise ValueError(
+                f"loss.cross_tokenizer sets its own divergence (loss.cross_tokenizer.kind); "
+                f"leave loss.kind=forward_kl (got {self.loss.kind})"
+            )
+        return self
 
     @model_validator(mode="after")
     def _on_policy_fits(self) -> DistillConfig:

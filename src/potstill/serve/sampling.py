@@ -15,12 +15,9 @@ and logprobs use only the first ``vocab_size`` logits (see :func:`potstill.core.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
-
-from potstill.core.tokenizers import gpt2_byte_table
 
 if TYPE_CHECKING:
     import torch
@@ -222,9 +219,6 @@ def stop_holdback(text: str, stops: Sequence[str]) -> int:
     return max(hold, n_bad)
 
 
-_HEX_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-
-
 class TokenText:
     """Bytes and OpenAI-style display strings of single tokens (cached per id).
 
@@ -234,23 +228,16 @@ class TokenText:
     """
 
     def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        from potstill.core.tokenizers import _Pieces
+
         self._tok = tokenizer
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        decoder = getattr(backend, "decoder", None) if backend is not None else None
-        self._byte_level = type(decoder).__name__ == "ByteLevel"
-        self._byte_decoder = {c: b for b, c in gpt2_byte_table().items()}
-        self._special = set(getattr(tokenizer, "all_special_ids", []) or [])
+        self._pieces = _Pieces(tokenizer)
         self._cache: dict[int, tuple[bytes, str]] = {}
 
     def _bytes(self, token_id: int) -> bytes:
-        piece = self._tok.convert_ids_to_tokens(token_id)
-        if token_id not in self._special and isinstance(piece, str):
-            if self._byte_level and all(c in self._byte_decoder for c in piece):
-                return bytes(self._byte_decoder[c] for c in piece)
-            m = _HEX_BYTE.fullmatch(piece)
-            if m is not None:  # sentencepiece byte fallback
-                return bytes([int(m.group(1), 16)])
-        return self._tok.decode([token_id], skip_special_tokens=False).encode("utf-8")
+        from potstill.core.tokenizers import token_bytes
+
+        return token_bytes(self._tok, token_id, self._pieces)
 
     def get(self, token_id: int) -> tuple[bytes, str]:
         """(raw bytes, display string) of ``token_id``."""

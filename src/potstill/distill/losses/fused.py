@@ -8,6 +8,10 @@ teacher's top-k log-probs with a tail bucket -- the gradient has a closed form:
 
 * cross-entropy (T = 1):   ``dCE/ds = softmax(s) - onehot(label)``
 * forward KL at T:         ``d(T^2 KL)/ds = T * (q - p)``,  ``q = softmax(s/T)``, ``p = softmax(t/T)``
+* generalised JSD (GKD, ``0 < beta < 1``, ``m = (1-beta) q + beta p``):
+  ``d(T^2 JSD)/ds = T (1-beta) q * (log(q/m) - KL(q||m))``; at ``beta = 1`` (reverse KL)
+  ``T q * (log(q/p) - KL(q||p))`` (the ``dL/dq`` terms of ``p`` and ``m`` cancel: see
+  :func:`_jsd_rows`)
 * top-k KL with a tail:    ``d(T^2 KL)/ds_j = T * (q_j S - p_j)`` for the K listed tokens and
   ``T * q_j (S - p_tail / q_tail)`` for the rest, where ``S = sum_k p_k + p_tail`` (1 when
   the tail bucket is used, the listed mass otherwise) and ``q_tail`` is the student's mass
@@ -22,6 +26,7 @@ them; the tests check both. The teacher is a constant (no gradient flows into it
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -48,6 +53,34 @@ def _dense_rows(ls: Tensor, q: Tensor, t: Tensor, temperature: float) -> tuple[T
     p = lt.exp()
     terms = torch.where(p > 0, p * (lt - ls), torch.zeros((), device=p.device))
     return terms.sum(-1), q - p
+
+
+def _jsd_rows(
+    ls: Tensor, q: Tensor, t: Tensor, temperature: float, beta: float
+) -> tuple[Tensor, Tensor]:
+    """Generalised JSD per row ``[c]`` (TRL's convention, as
+    :func:`~potstill.distill.losses.divergence.generalized_jsd`) and its gradient w.r.t. ``s/T``.
+
+    With ``L = beta KL(p||m) + (1-beta) KL(q||m)``, ``dL/dq_i = (1-beta) log(q_i/m_i)`` (the
+    ``-p/m`` and ``-q/m`` terms sum to ``-m/m``, cancelling the ``+1``); the softmax Jacobian
+    turns ``g`` into ``q * (g - sum(q g))``. ``beta = 0`` is forward KL, ``beta = 1`` reverse KL.
+    """
+    if beta == 0.0:
+        return _dense_rows(ls, q, t, temperature)
+    tt = t.float() / temperature if temperature != 1.0 else t.float()
+    lt = F.log_softmax(tt, dim=-1)
+    zero = torch.zeros((), device=q.device)
+    if beta == 1.0:  # reverse KL(q || p)
+        ratio = ls - lt
+        kl = torch.where(q > 0, q * ratio, zero).sum(-1)
+        return kl, q * (torch.where(q > 0, ratio, zero) - kl[:, None])
+    lm = torch.logaddexp(lt + math.log(beta), ls + math.log(1.0 - beta))
+    p = lt.exp()
+    kl_p = torch.where(p > 0, p * (lt - lm), zero).sum(-1)
+    r_q = torch.where(q > 0, ls - lm, zero)
+    kl_q = (q * r_q).sum(-1)
+    grad = q * (r_q - kl_q[:, None]) * (1.0 - beta)
+    return beta * kl_p + (1.0 - beta) * kl_q, grad
 
 
 def _sparse_rows(ls: Tensor, q: Tensor, ids: Tensor, lps: Tensor) -> tuple[Tensor, Tensor]:
@@ -101,6 +134,7 @@ class _FusedObjective(torch.autograd.Function):
         temperature: float,
         chunk: int,
         ignore_index: int,
+        beta: float,
     ) -> tuple[Tensor, Tensor, Tensor]:
         vocab = student.shape[-1]
         s = student.reshape(-1, vocab)
@@ -124,7 +158,7 @@ class _FusedObjective(torch.autograd.Function):
                 ls = ls1 if temperature == 1.0 else F.log_softmax(x / temperature, dim=-1)
                 q = ls.exp()
                 if t is not None:
-                    kd, g = _dense_rows(ls, q, t[r], temperature)
+                    kd, g = _jsd_rows(ls, q, t[r], temperature, beta)
                 else:
                     assert k_ids is not None and k_lps is not None
                     kd, g = _sparse_rows(ls, q, k_ids[r].long(), k_lps[r])
@@ -153,7 +187,7 @@ class _FusedObjective(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_total: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
         (grad,) = ctx.saved_tensors
-        return (grad.reshape(ctx.shape) * grad_total.to(grad.dtype),) + (None,) * 8
+        return (grad.reshape(ctx.shape) * grad_total.to(grad.dtype),) + (None,) * 9
 
 
 def fused_kd_objective(
@@ -165,6 +199,7 @@ def fused_kd_objective(
     temperature: float = 1.0,
     ignore_index: int = -100,
     chunk_tokens: int = 32,
+    beta: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``alpha*CE + (1-alpha)*T^2*KD`` summed over unmasked tokens, with its CE and KD terms.
 
@@ -175,6 +210,8 @@ def fused_kd_objective(
         labels: ``[B, T]`` / ``[N]`` next-token targets aligned with the logits; ``ignore_index``
             masks a position. Needed for the CE term; None counts every position (then CE is 0).
         alpha: CE weight in [0, 1]. CE is at temperature 1; KD at ``temperature`` times ``T^2``.
+        beta: with full teacher logits, the divergence is the generalised JSD at ``beta``
+            (0 = forward KL, the default; 1 = reverse KL); ignored for top-k targets (forward KL).
 
     Returns:
         ``(total, ce_sum, kd_sum)``: fp32 scalars in nats, summed (not averaged) over the
@@ -182,6 +219,7 @@ def fused_kd_objective(
     """
     check_temperature(temperature)
     check_unit_interval("alpha", alpha)
+    check_unit_interval("beta", beta)
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     dense = teacher if isinstance(teacher, Tensor) else None
@@ -203,6 +241,7 @@ def fused_kd_objective(
         float(temperature),
         int(chunk_tokens),
         int(ignore_index),
+        float(beta),
     )
     return result
 

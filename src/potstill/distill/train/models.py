@@ -23,15 +23,29 @@ from potstill.distill.train.student import build_student
 
 def load_teacher(cfg: DistillConfig, tokenizer: Any, student_vocab: int) -> Any:
     spec = cfg.teacher.spec
+    if cfg.loss.cross_tokenizer is not None and isinstance(spec, NoTeacher | CachedTeacher):
+        raise PotstillError(
+            f"loss.cross_tokenizer needs a teacher model that reads text, but teacher.spec="
+            f"{str(spec)!r} has no text to align; use a model spec (e.g. a .gguf or HF folder)"
+        )
     if cfg.loss.ce_weight >= 1.0 or isinstance(spec, NoTeacher | CachedTeacher):
         return None  # CE alone, or the data carries the teacher's targets
     if isinstance(spec, EndpointTeacherSpec):
+        if cfg.loss.cross_tokenizer is not None:
+            raise PotstillError(
+                "loss.cross_tokenizer needs a teacher model that reads text (it tokenizes the "
+                "student's text itself); an endpoint teacher must share the student's tokenizer"
+            )
         return load_endpoint_teacher(cfg, spec, tokenizer, student_vocab)
     from potstill.core.hardware import resolve_dtype
     from potstill.distill.teachers import HFTeacher
 
     bf16 = resolve_dtype(cfg.teacher.dtype) == "bfloat16"
     dtype = torch.bfloat16 if bf16 else torch.float32
+    if cfg.loss.cross_tokenizer is not None:
+        from potstill.distill.teachers.crosstok import CrossTokenizerTeacher
+
+        return CrossTokenizerTeacher(HFTeacher.from_spec(spec, dtype=dtype), tokenizer)
     return HFTeacher.from_spec(
         spec, student_tokenizer=tokenizer, student_vocab_size=student_vocab, dtype=dtype
     )

@@ -105,7 +105,8 @@ class Rollouts:
                 first = int(valid[0]) if len(valid) else int(mask.sum()) - 1
                 # Text is scored from its first token: take a fixed prefix as the prompt.
                 cut = self.cfg.prompt_tokens if first == 0 else first + 1
-                out.append(ids[: max(1, min(cut, room, int(mask.sum())))].tolist())
+                # Too long for the room left: keep the end (the question, the answer header).
+                out.append(ids[: max(1, min(cut, int(mask.sum())))][-room:].tolist())
             return out
         per_epoch = max(1, len(self.prompts) // (self.micro_batch_size * self.world_size))
         epoch, i = divmod(g, per_epoch)
@@ -130,7 +131,7 @@ class Rollouts:
             temperature=self.cfg.temperature, stop_ids=self.stop_ids, pad_id=self.pad_id,
             generator=gen, vocab=self.vocab,
         )  # fmt: skip
-        return pack_rollouts(prompts, completions, pad_id=self.pad_id, width=self.seq_len)
+        return pack_rollouts(prompts, completions, pad_id=self.pad_id)  # padded to the batch max
 
 
 def make_rollouts(

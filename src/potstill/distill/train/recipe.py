@@ -29,7 +29,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,8 @@ from torch import Tensor, nn
 from potstill.core.errors import PotstillError, TrainingDiverged
 from potstill.core.faults import fault_point
 from potstill.core.io import atomic_dir, atomic_write_text
-from potstill.distill.config import DistillConfig, LossConfig, dump_config
+from potstill.distill.config import DistillConfig, dump_config
+from potstill.distill.teachers.crosstok import CrossTokenizerTeacher
 from potstill.distill.train.checkpoint import (
     Progress,
     find_resume_point,
@@ -52,6 +53,7 @@ from potstill.distill.train.models import (
     load_teacher,
     tokenizer_spec,
 )
+from potstill.distill.train.objective import LossTerms, cross_tokenizer_terms, kd_objective
 from potstill.distill.train.onpolicy import Rollouts, make_rollouts
 from potstill.distill.train.student import count_params
 
@@ -103,52 +105,9 @@ def make_optimizer(model: nn.Module, cfg: DistillConfig) -> torch.optim.Optimize
     )
 
 
-class LossTerms(NamedTuple):
-    """One objective's value and its two terms, each a token *sum* (fp32 scalars)."""
-
-    total: Tensor
-    ce: Tensor
-    kd: Tensor
-
-
-def kd_objective(
-    student_logits: Tensor,
-    teacher: Any,
-    labels: Tensor,
-    *,
-    loss: LossConfig,
-    reduction: str = "sum",
-) -> LossTerms:
-    """``alpha*CE + (1-alpha)*KD`` and its terms, as token sums over ``labels != -100``.
-
-    ``student_logits``: ``[..., V]``; ``teacher``: None (CE only), full logits ``[..., V]``, or
-    sparse top-k targets ``(topk_ids, topk_logprobs)`` ``[..., K]``; ``labels``: the leading
-    shape. CE alone, forward KL and sparse top-k KL go through
-    :func:`~potstill.distill.losses.fused.fused_kd_objective` (closed-form gradients in
-    cache-sized token chunks: the step's hot spot); the other divergences through their
-    reference functions. ``reduction`` must be ``"sum"`` (the chunked path passes it); the loop
-    normalises once per optimizer step.
-    """
-    from potstill.distill.losses import LOSSES, ce_plus_kd, cross_entropy
-    from potstill.distill.losses.fused import fused_kd_objective
-
-    if reduction != "sum":
-        raise ValueError(f"kd_objective sums over tokens; got reduction={reduction!r}")
-    if teacher is None or isinstance(teacher, tuple) or loss.kind == "forward_kl":
-        total, ce, kd = fused_kd_objective(
-            student_logits, teacher, labels, alpha=loss.ce_weight, temperature=loss.temperature
-        )
-        return LossTerms(total, ce, kd)
-    extra: dict[str, float] = {}
-    if loss.kind == "generalized_jsd":
-        extra["beta"] = loss.beta
-    elif loss.kind.startswith("skew_"):
-        extra["alpha"] = loss.skew_alpha
-    ce = cross_entropy(student_logits, labels, reduction="sum")
-    kd = LOSSES[loss.kind](
-        student_logits, teacher, labels, temperature=loss.temperature, reduction="sum", **extra
-    )
-    return LossTerms(ce_plus_kd(ce, kd, alpha=loss.ce_weight), ce, kd)
+def weight_of(model: Any) -> Tensor:
+    """The student's output head ``[V, H]`` (through a DDP wrapper if there is one)."""
+    return model.module.head_weight if hasattr(model, "module") else model.head_weight
 
 
 def micro_loss(
@@ -163,10 +122,15 @@ def micro_loss(
     """
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     hidden = model(ids, mask)
+    if isinstance(teacher, CrossTokenizerTeacher):  # its own tokenizer: byte-aligned positions
+        with torch.no_grad():
+            scored = teacher.score(ids, mask, labels)
+        return cross_tokenizer_terms(hidden, weight_of(model), labels, scored, teacher.vocab_map,
+                                     loss=cfg.loss, student_vocab=teacher.student_vocab)  # fmt: skip
     if "pending" in batch:  # an endpoint teacher scored (is scoring) while the student ran
         k_ids, k_lps = batch["pending"].result()
         batch = {**batch, "topk_ids": k_ids.to(ids.device), "topk_logprobs": k_lps.to(ids.device)}
-    weight = model.module.head_weight if hasattr(model, "module") else model.head_weight
+    weight = weight_of(model)
     if cfg.loss.chunk_tokens is not None and teacher is not None and "topk_ids" not in batch:
         from potstill.distill.losses import fused_linear_kd_loss
 
@@ -197,11 +161,32 @@ def micro_loss(
             sparse = (batch["topk_ids"].reshape(-1, k)[keep],
                       batch["topk_logprobs"].reshape(-1, k)[keep])  # fmt: skip
         return kd_objective(logits, sparse, labels.reshape(-1)[keep], loss=cfg.loss)
-    logits = F.linear(hidden, weight)
-    with torch.no_grad():
-        t_logits = teacher.logits(ids, mask)
     vocab = teacher.vocab_size
-    return kd_objective(logits[..., :vocab], t_logits[..., :vocab], labels, loss=cfg.loss)
+    keep = labels.reshape(-1) != -100
+    if bool(keep.all()):  # packed text: every position counts
+        logits = F.linear(hidden, weight)
+        with torch.no_grad():
+            t_logits = teacher.logits(ids, mask)
+        return kd_objective(logits[..., :vocab], t_logits[..., :vocab], labels, loss=cfg.loss)
+    # Rollouts and chat data score a fraction of the positions: project only those, on both
+    # sides (the teacher through its head, where the head is a plain linear map).
+    logits = F.linear(hidden.reshape(-1, hidden.shape[-1])[keep], weight)
+    with torch.no_grad():
+        t_logits = _teacher_rows(teacher, ids, mask, keep)
+    return kd_objective(
+        logits[:, :vocab], t_logits[:, :vocab], labels.reshape(-1)[keep], loss=cfg.loss
+    )
+
+
+def _teacher_rows(teacher: Any, ids: Tensor, mask: Tensor, keep: Tensor) -> Tensor:
+    """The teacher's logits ``[n, V]`` at the flat positions ``keep`` ``[B*T]`` only."""
+    try:
+        t_hidden, t_head = teacher.hidden_and_head(ids, mask)
+    except (PotstillError, AttributeError):  # a soft-capped or biased head: full logits, then rows
+        full = teacher.logits(ids, mask)
+        return full.reshape(-1, full.shape[-1])[keep.to(full.device)]
+    rows = t_hidden.reshape(-1, t_hidden.shape[-1])[keep.to(t_hidden.device)]
+    return F.linear(rows, t_head)
 
 
 def _check_out_dir(out: Path, resume: bool) -> None:
@@ -264,6 +249,8 @@ def _run(
     check_teacher_signal(
         cfg, live=teacher is not None and not endpoint, sparse=data.targets is not None or endpoint
     )
+    if isinstance(teacher, CrossTokenizerTeacher):
+        _check_alignment(teacher, data)
     rollouts = _rollouts(cfg, tokenizer, acc.num_processes)
     if rollouts is not None and teacher is None:
         raise PotstillError(
@@ -307,6 +294,18 @@ def _run(
             tokenizer.save_pretrained(tmp)
         _plot(out)
     acc.wait_for_everyone()
+
+
+def _check_alignment(teacher: CrossTokenizerTeacher, data: TrainData) -> None:
+    """Refuse data on which no scored student position aligns with a teacher position."""
+    first = data.micro_batch(0, 0)
+    scored = teacher.score(first["input_ids"], first["attention_mask"], first["labels"])
+    if len(scored.rows) == 0:
+        raise PotstillError(
+            "loss.cross_tokenizer: no scored position of the first micro-batch aligns with the "
+            "teacher's tokens (no text to align: the sequences hold only special tokens, or the "
+            "scored positions are all before special tokens); give data.train real text"
+        )
 
 
 def _rollouts(cfg: DistillConfig, tokenizer: Any, world_size: int) -> Rollouts | None:

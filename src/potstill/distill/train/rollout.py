@@ -18,6 +18,7 @@ positions at ``0..len-1``, as the teacher saw such text in training.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -42,8 +43,11 @@ def _draw(logits: Tensor, temperature: float, generator: torch.Generator) -> Ten
     """One token per row of ``logits [B, V]``: argmax at temperature 0, else a sample."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # Inverse-CDF sampling, one uniform per row: torch.multinomial costs ~11 ms per call on a
+    # [8, 49152] CPU batch (a third of a decode step), a float64 cumsum + searchsorted ~1 ms.
+    cdf = torch.softmax(logits.double() / temperature, dim=-1).cumsum(dim=-1)
+    u = torch.rand((logits.shape[0], 1), generator=generator, dtype=torch.float64) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u.to(cdf.device)).squeeze(-1).clamp(max=logits.shape[-1] - 1)
 
 
 @torch.no_grad()
@@ -79,7 +83,15 @@ def sample_completions(
         device = next(model.parameters()).device
         ids, mask = ids.to(device), mask.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        # Only the last position's logits are needed: [B, T, V] would be most of the prefill.
+        keep = (
+            {"logits_to_keep": 1}
+            if "logits_to_keep" in inspect.signature(model.forward).parameters
+            else {}
+        )
+        out = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep
+        )
         kw, cache = cache_kw(model), cache_of(out)
         done = torch.zeros(len(prompts), dtype=torch.bool)
         last_pos = positions[:, -1]
