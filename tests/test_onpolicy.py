@@ -34,9 +34,11 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
     return load_file(str(run / "student" / "model.safetensors"))
 
 
-def test_greedy_sampler_equals_transformers_generate_on_a_left_padded_batch() -> None:
+@pytest.mark.parametrize("texts", [("ab", "hello wor", "x"), ("abc", "xyz", "123")])
+def test_greedy_sampler_equals_transformers_generate(texts: tuple[str, ...]) -> None:
+    """Left-padded (mixed lengths) and unpadded (one length: no attention mask) batches."""
     model, tok = load_model("tiny:3:2x64")
-    prompts = [tok("ab").input_ids, tok("hello wor").input_ids, tok("x").input_ids]
+    prompts = [tok(t).input_ids for t in texts]
     got = sample_completions(
         model, prompts, max_new_tokens=7, temperature=0.0, stop_ids=frozenset(),
         pad_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0),

@@ -79,45 +79,51 @@ def sample_completions(
     was_training = model.training
     model.eval()
     try:
-        ids, mask = _left_pad(prompts, pad_id)
-        device = next(model.parameters()).device
-        ids, mask = ids.to(device), mask.to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        # Only the last position's logits are needed: [B, T, V] would be most of the prefill.
-        keep = (
-            {"logits_to_keep": 1}
-            if "logits_to_keep" in inspect.signature(model.forward).parameters
-            else {}
+        table = _sample(
+            model, prompts, max_new_tokens, temperature, stop_ids, pad_id, generator, vocab
         )
-        out = model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep
-        )
-        kw, cache = cache_kw(model), cache_of(out)
-        done = torch.zeros(len(prompts), dtype=torch.bool)
-        last_pos = positions[:, -1]
-        samples: list[Tensor] = []
-        logits = out.logits[:, -1, :vocab]
-        for _ in range(max_new_tokens):
-            tok = _draw(logits, temperature, generator).cpu()
-            tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-            samples.append(tok)
-            done |= torch.tensor([int(t) in stop_ids for t in tok])
-            if bool(done.all()):
-                break
-            mask = torch.cat([mask, (~done).long().unsqueeze(-1).to(device)], dim=-1)
-            last_pos = last_pos + 1
-            out = model(
-                input_ids=tok.unsqueeze(-1).to(device),
-                attention_mask=mask,
-                position_ids=last_pos.unsqueeze(-1),
-                use_cache=True,
-                **{kw: cache},
-            )
-            cache, logits = cache_of(out), out.logits[:, -1, :vocab]
-        table = torch.stack(samples, dim=1).tolist()
     finally:
         model.train(was_training)
     return [_until_stop(row, stop_ids) for row in table]
+
+
+def _sample(
+    model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
+    stop_ids: frozenset[int], pad_id: int, generator: torch.Generator, vocab: int | None,
+) -> list[list[int]]:  # fmt: skip
+    ids, mask = _left_pad(prompts, pad_id)
+    device = next(model.parameters()).device
+    ids, mask = ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    # Prompts of one length need no mask: transformers then takes its plain causal path instead
+    # of building a padded mask on every decode step (the loop is overhead-bound on a CPU).
+    padded = bool((mask == 0).any())
+    # Only the last position's logits are needed: [B, T, V] would be most of the prefill.
+    params = inspect.signature(model.forward).parameters
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    out = model(input_ids=ids, attention_mask=mask if padded else None, position_ids=positions,
+                use_cache=True, **keep)  # fmt: skip
+    kw, cache = cache_kw(model), cache_of(out)
+    stops = torch.tensor(sorted(stop_ids), dtype=torch.long)
+    done = torch.zeros(len(prompts), dtype=torch.bool)
+    last_pos = positions[:, -1:]
+    samples: list[Tensor] = []
+    logits = out.logits[:, -1, :vocab]
+    for _ in range(max_new_tokens):
+        tok = _draw(logits, temperature, generator).cpu()
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        samples.append(tok)
+        done |= torch.isin(tok, stops)
+        if bool(done.all()):
+            break
+        # A finished row keeps decoding padding; its tokens are dropped, so its mask stays 1.
+        if padded:
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+        last_pos = last_pos + 1
+        out = model(input_ids=tok.unsqueeze(-1).to(device), attention_mask=mask if padded else None,
+                    position_ids=last_pos, use_cache=True, **{kw: cache})  # fmt: skip
+        cache, logits = cache_of(out), out.logits[:, -1, :vocab]
+    return torch.stack(samples, dim=1).tolist()
 
 
 def _until_stop(row: list[int], stop_ids: frozenset[int]) -> list[int]:
