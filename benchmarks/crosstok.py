@@ -1,7 +1,7 @@
 """Cross-tokenizer distillation on a real pair: Gemma-3-270M (262,144 tokens) into a student with
 SmolLM2's tokenizer (49,152 tokens), against a CE-only student with the same budget.
 
-    python benchmarks/crosstok.py            # full CPU run (~30 min on 2 cores)
+    python benchmarks/crosstok.py            # full CPU run (~17 min on 2 cores)
     python benchmarks/crosstok.py --quick    # smoke run (~6 min)
 
 Three students, identical except the objective: the same 4x256 Llama init (seed 0), the same
@@ -50,9 +50,9 @@ log = make_log("crosstok")
 
 
 def settings_for(quick: bool) -> dict[str, Any]:
-    s: dict[str, Any] = {"steps": 100, "batch": 8, "seq_len": 128, "layers": 4, "width": 256,
+    s: dict[str, Any] = {"steps": 80, "batch": 8, "seq_len": 128, "layers": 4, "width": 256,
                          "lr": 2e-3, "warmup": 10, "alpha": 0.5, "uld_weight": 1.0, "uld_top": 256,
-                         "eval_blocks": 24, "eval_every": 25, "threads": 2}  # fmt: skip
+                         "eval_blocks": 24, "eval_every": 20, "threads": 2}  # fmt: skip
     if quick:
         s.update(steps=12, eval_blocks=6, eval_every=6)
     return s
