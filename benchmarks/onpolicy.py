@@ -29,6 +29,7 @@ Writes ``benchmarks/results/onpolicy.json`` and ``onpolicy_lambda.png``.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import statistics
@@ -233,8 +234,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smoke run (~5 min)")
     ap.add_argument("--out", type=Path, default=RESULTS / "onpolicy.json")
     ap.add_argument("--skip-throughput", action="store_true", help="quality part only")
+    ap.add_argument("--set", nargs="*", default=[], metavar="NAME=VALUE",
+                    help="override a setting (JSON value), e.g. --set warm_steps=600")  # fmt: skip
     args = ap.parse_args(argv)
     s = settings_for(args.quick)
+    for item in args.set:
+        name, _, value = item.partition("=")
+        if name not in s:
+            ap.error(f"unknown setting {name!r}; known: {', '.join(s)}")
+        s[name] = json.loads(value)
     started, t0 = time.time(), time.perf_counter()
     torch.set_num_threads(s["threads"])
     with tempfile.TemporaryDirectory(prefix="potstill-onpolicy-") as tmp:

@@ -42,7 +42,6 @@ from _common import make_log, write_result
 from _provenance import provenance
 from _task import TOKENIZER, ground_truth, train_lm, write_pairs
 from onpolicy import greedy_accuracy, prompt_ids, teacher_samples
-
 from potstill.core.models import load_tokenizer
 from potstill.distill.evaluate.tasks import make_examples
 
@@ -96,8 +95,12 @@ def heldout_kl(student: Any, teacher: Any, tok: Any, prompts: list[list[int]], s
                                generator=torch.Generator().manual_seed(123), vocab=len(tok))  # fmt: skip
     b = pack_rollouts(prompts, comps, pad_id=tok.pad_token_id)
     keep = b["labels"] != -100
-    sl = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[..., : len(tok)][keep]
-    tl = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[..., : len(tok)][keep]
+    sl = student(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[
+        ..., : len(tok)
+    ][keep]
+    tl = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[
+        ..., : len(tok)
+    ][keep]
     ids, lps = topk_from_logits(tl, s["top_logprobs"])
     return {"full_kl": float(forward_kl(sl, tl)), "topk_tail_kl": float(sparse_topk_kl(sl, ids, lps)),
             "tokens": int(keep.sum())}  # fmt: skip

@@ -169,3 +169,30 @@ def _shifted(tok: Any) -> str:
     spec["model"]["merges"] = []
     p.write_text(json.dumps(spec))
     return d
+
+
+def test_cli_refuses_an_endpoint_without_the_capability_and_writes_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from potstill.cli import main
+
+    out = tmp_path / "run"
+    with FakeOpenAI(latency_s=0.0) as fake:
+        code = main(["distill", "--config", str(REPO / "configs" / "tiny.yaml"),
+                     *tiny_overrides(out, **{"teacher.spec": fake.url, "teacher.model": "fake",
+                                             "student.tokenizer": MODEL})])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "return_tokens_as_token_ids" in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
+def test_an_endpoint_teacher_needs_forward_kl_and_temperature_one(url: str, tmp_path: Path) -> None:
+    over = {"teacher.spec": url, "teacher.model": MODEL, "student.tokenizer": MODEL}
+    for extra, needle in [({"loss.kind": "reverse_kl"}, "use loss.kind=forward_kl"),
+                          ({"loss.temperature": 2.0}, "loss.temperature=2.0")]:  # fmt: skip
+        out = tmp_path / needle[:8]
+        cfg = load_config(DistillConfig, REPO / "configs" / "tiny.yaml",
+                          tiny_overrides(out, **over, **extra))  # fmt: skip
+        with pytest.raises(PotstillError, match=needle.replace(".", r"\.")):
+            run_distill(cfg, show_progress=False)
+        assert not out.exists()

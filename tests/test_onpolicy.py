@@ -167,3 +167,26 @@ def test_the_sampler_draws_from_the_softmax_at_its_temperature() -> None:
         want = torch.softmax(logits[0].double() / temperature, -1) * len(logits)
         assert chisquare(got.numpy(), want.numpy()).pvalue > 1e-3
     assert bool((_draw(logits[:3], 0.0, g) == 0).all())
+
+
+def test_chat_data_prompts_are_the_turns_before_the_answer(tmp_path: Path) -> None:
+    """prompts=data on chat data: each rollout prompt is its row's conversation up to and
+    including the assistant header, whole (never cut at the front or the back)."""
+    f = tmp_path / "chat.jsonl"
+    rows = [{"messages": [{"role": "user", "content": f"{a}+{a + 1}"},
+                          {"role": "assistant", "content": "answer"}]} for a in range(10, 30)]  # fmt: skip
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = cfg_of(tmp_path / "r", **{**ON, "data.train": f"messages:{f}", "data.seq_len": 48})
+    from potstill.distill.train.data import prepare_data
+
+    model, tok = load_model("tiny:0")
+    data = prepare_data(cfg, tok, world_size=1)
+    assert cfg.loss.on_policy is not None
+    r = make_rollouts(cfg.loss.on_policy, tok, seq_len=48, seed=0, micro_batch_size=4, world_size=1)
+    batch = r.batch(model, 0, 0, data.micro_batch(0, 0))
+    for ids, labels in zip(batch["input_ids"], batch["labels"], strict=True):
+        first = int((labels != -100).nonzero()[0])
+        prompt = tok.decode(ids[: first + 1])
+        assert prompt.startswith("<|im_start|>user\n") and prompt.endswith(
+            "<|im_start|>assistant\n"
+        )

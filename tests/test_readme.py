@@ -64,3 +64,19 @@ def test_readme_command_parses(command: str) -> None:
     for value in vars(args).values():  # shipped config files named in the README must exist
         if isinstance(value, str) and value.startswith("configs/"):
             assert (REPO / value).is_file(), f"{value} (in: {command}) does not exist"
+
+
+DISTILL = [c for c in POTSTILL if (potstill_argv(c) or [""])[0] == "distill"]
+
+
+@pytest.mark.parametrize("command", DISTILL)
+def test_readme_distill_commands_give_valid_configs(
+    command: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each `potstill distill` line's config file plus overrides validates (field names, ranges,
+    the on-policy and cross-tokenizer checks), as the CLI does before running."""
+    from potstill.distill.config import DistillConfig, load_config
+
+    args = build_parser().parse_args(potstill_argv(command))
+    monkeypatch.chdir(REPO)
+    load_config(DistillConfig, args.config, args.overrides)
