@@ -196,3 +196,32 @@ def test_an_endpoint_teacher_needs_forward_kl_and_temperature_one(url: str, tmp_
         with pytest.raises(PotstillError, match=needle.replace(".", r"\.")):
             run_distill(cfg, show_progress=False)
         assert not out.exists()
+
+
+def test_the_probe_accepts_an_echo_that_ends_in_a_stop_token(tiny: tuple) -> None:
+    """A model whose first generated token is a stop token answers the echoed prompt alone."""
+    from potstill.distill.teachers.endpoint import PROBE_TEXT
+
+    _, tok = tiny
+    ids = tok(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+
+    def answer(n: int) -> dict:
+        names = [f"token_id:{i}" for i in ids[:n]]
+        lps = {"tokens": names, "token_logprobs": [None] + [-1.0] * (n - 1),
+               "top_logprobs": [None] + [{x: -1.0} for x in names[1:]]}  # fmt: skip
+        return {"choices": [{"logprobs": lps}]}
+
+    teacher = teacher_at("http://127.0.0.1:9/v1")
+    reply = answer(len(ids))
+
+    async def fake_post(body: bytes) -> dict:
+        return reply
+
+    teacher._post = fake_post  # type: ignore[method-assign]
+    try:
+        teacher.check(tok)  # no generated token after the prompt: accepted
+        reply = answer(len(ids) - 1)  # a prompt token missing: a different tokenization
+        with pytest.raises(PotstillError, match="tokenizes a probe text differently"):
+            teacher.check(tok)
+    finally:
+        teacher.close()

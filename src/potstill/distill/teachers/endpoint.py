@@ -187,12 +187,14 @@ class EndpointTeacher:
                 f"{where} returned no echoed tokens with logprobs: the endpoint must support "
                 "echo=true with logprobs on /v1/completions"
             ) from None
-        ids = [_token_id(n, where) for n in names][:-1]  # the last is the generated token
+        ids = [_token_id(n, where) for n in names]
         mine = list(tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"])
         bos = tokenizer.bos_token_id
-        if ids and ids[0] == bos and (not mine or mine[0] != bos):
-            ids = ids[1:]  # the server added its BOS to a string prompt
-        if ids != mine:
+        added = int(bool(ids) and ids[0] == bos and (not mine or mine[0] != bos))
+        ids = ids[added:]  # the server may add its BOS to a string prompt
+        # After the echoed prompt comes the one generated token, unless it was a stop token
+        # (servers do not return those): one extra id at most.
+        if ids[: len(mine)] != mine or len(ids) - len(mine) not in (0, 1):
             at = next(
                 (i for i, (a, b) in enumerate(zip(ids, mine)) if a != b), min(len(ids), len(mine))
             )
@@ -202,7 +204,7 @@ class EndpointTeacher:
                 f"{mine[at : at + 3]}): token ids would mean different things on the two sides; "
                 "set student.tokenizer to the served model's tokenizer"
             )
-        parse_scored(answer, len(names) - 1, where)
+        parse_scored(answer, len(mine) + added, where)
 
     def submit(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor) -> Future[Any]:
         """Score every sequence of the batch; the future gives sparse targets ``(ids, logprobs)``,
