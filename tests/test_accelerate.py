@@ -83,3 +83,27 @@ def test_two_process_cpu_run_matches_single_process(tmp_path: Path) -> None:
     wb = load_file(str(one / "student" / "model.safetensors"))
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-3, atol=1e-4)
+
+
+def test_two_process_on_policy_run(tmp_path: Path) -> None:
+    """On-policy rollouts under `accelerate launch`: every rank samples its share of micro-batch
+    g's prompts (seeded by rank), the ranks agree on which micro-batches are on-policy, and
+    the step's token count is summed across them."""
+    run = tmp_path / "ddp-onpolicy"
+    over = {"train.steps": 3, "train.save_every": 0, "train.eval_every": 0,
+            "train.micro_batch_size": 2, "loss.on_policy.lmbda": 1.0,
+            "loss.on_policy.max_new_tokens": 6, "loss.on_policy.prompt_tokens": 4}  # fmt: skip
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--multi_gpu",
+           "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", str(_free_port()), "-m",
+           "potstill.cli", "distill", "--config", str(TINY), "--no-progress",
+           *tiny_overrides(run, **over)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    tokens = [r["tokens"] for r in rows if r["split"] == "train"]
+    # 2 ranks x 2 rows x 2 micro-batches x at most 6 sampled tokens per step
+    steps = [b - a for a, b in zip([0, *tokens], tokens)]
+    assert len(steps) == 3 and all(8 <= n <= 48 for n in steps), steps
+    assert (run / "student" / "model.safetensors").is_file()

@@ -225,3 +225,27 @@ def test_the_probe_accepts_an_echo_that_ends_in_a_stop_token(tiny: tuple) -> Non
             teacher.check(tok)
     finally:
         teacher.close()
+
+
+def test_the_api_key_comes_from_the_named_environment_variable(
+    tiny: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from potstill.distill.train.models import load_endpoint_teacher
+
+    model, tok = tiny
+    engine = Engine(model, tok, model_name=MODEL, max_batch=4)
+    with serve_in_background(create_app(engine, ServeSettings(api_keys=("sk-secret-1",)))) as base:
+        over = {"teacher.spec": base + "/v1", "teacher.model": MODEL, "student.tokenizer": MODEL,
+                "teacher.api_key_env": "POTSTILL_TEST_KEY"}  # fmt: skip
+        cfg = load_config(
+            DistillConfig, REPO / "configs" / "tiny.yaml", tiny_overrides(tmp_path, **over)
+        )
+        monkeypatch.delenv("POTSTILL_TEST_KEY", raising=False)
+        with pytest.raises(PotstillError, match=r"POTSTILL_TEST_KEY.*unset"):
+            load_endpoint_teacher(cfg, cfg.teacher.spec, tok, 320)  # type: ignore[arg-type]
+        monkeypatch.setenv("POTSTILL_TEST_KEY", "sk-wrong")
+        with pytest.raises(PotstillError, match="rejected the API key") as err:
+            load_endpoint_teacher(cfg, cfg.teacher.spec, tok, 320)  # type: ignore[arg-type]
+        assert "sk-wrong" not in str(err.value)  # the key never reaches a message
+        monkeypatch.setenv("POTSTILL_TEST_KEY", "sk-secret-1")
+        load_endpoint_teacher(cfg, cfg.teacher.spec, tok, 320).close()  # type: ignore[arg-type]

@@ -162,3 +162,15 @@ def test_distill_from_a_harvest_store(store: Path, tmp_path: Path, ce_weight: fl
     train = [r for r in rows if r["split"] == "train"]
     assert len(train) == 12 and train[-1]["loss"] < 0.8 * train[0]["loss"]
     assert (run / "student" / "model.safetensors").is_file()
+
+
+def test_a_harvest_store_is_an_on_policy_prompt_source(store: Path) -> None:
+    """loss.on_policy.prompts=harvest:STORE: every turn before each record's answer."""
+    from potstill.core.specs import parse_prompt_source
+    from potstill.distill.train.onpolicy import load_prompts
+
+    prompts = load_prompts(parse_prompt_source(f"harvest:{store}"), TOK)
+    assert prompts is not None and len(prompts) == 16
+    texts = sorted(TOK.decode(p) for p in prompts)
+    assert texts[0].startswith("<|im_start|>user\nSay something about item 0.")
+    assert all(t.endswith("<|im_start|>assistant\n") for t in texts)
