@@ -54,6 +54,17 @@ def write_result(path: Path, result: dict[str, Any]) -> Path:
     return atomic_write_text(path, text)
 
 
+def apply_settings(ap: Any, s: dict[str, Any], items: list[str]) -> dict[str, Any]:
+    """``--set NAME=VALUE`` overrides (JSON values) applied to the settings ``s``; an unknown
+    name is an argparse error naming the known ones."""
+    for item in items:
+        name, _, value = item.partition("=")
+        if name not in s:
+            ap.error(f"unknown setting {name!r}; known: {', '.join(s)}")
+        s[name] = json.loads(value)
+    return s
+
+
 def encode_prompts(tok: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Chat-templated single-turn prompts, left-padded: (ids [B, T], attention_mask [B, T])."""
     tok.padding_side = "left"

@@ -35,7 +35,6 @@ is free, so outputs have slack). Writes ``benchmarks/results/antidistill.json`` 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -68,7 +67,7 @@ from _antidistill_report import (
 )
 from _antidistill_sampling import REAL_VOCAB, cost_batched, cost_engine, sample_all
 from _antidistill_sampling import sample_batch as sample_batch  # the tests drive it directly
-from _common import make_log, write_result
+from _common import apply_settings, make_log, write_result
 from _provenance import provenance
 from _task import TOKENIZER, ground_truth, train_lm
 
@@ -440,11 +439,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="override a setting (JSON value), e.g. --set student_steps=400")  # fmt: skip
     args = ap.parse_args(argv)
     s = settings_for(args.quick)
-    for item in args.set:
-        name, _, value = item.partition("=")
-        if name not in s:
-            ap.error(f"unknown setting {name!r}; known: {', '.join(s)}")
-        s[name] = json.loads(value)
+    apply_settings(ap, s, args.set)
     torch.set_num_threads(s["threads"])
     t0 = time.perf_counter()
     started = time.time()

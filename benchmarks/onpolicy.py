@@ -29,7 +29,6 @@ Writes ``benchmarks/results/onpolicy.json`` and ``onpolicy_lambda.png``.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -46,7 +45,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import make_log, write_result
+from _common import apply_settings, make_log, write_result
 from _onpolicy_trl import throughput
 from _provenance import provenance
 from _task import TOKENIZER, ground_truth, train_lm, write_pairs
@@ -238,11 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="override a setting (JSON value), e.g. --set warm_steps=600")  # fmt: skip
     args = ap.parse_args(argv)
     s = settings_for(args.quick)
-    for item in args.set:
-        name, _, value = item.partition("=")
-        if name not in s:
-            ap.error(f"unknown setting {name!r}; known: {', '.join(s)}")
-        s[name] = json.loads(value)
+    apply_settings(ap, s, args.set)
     started, t0 = time.time(), time.perf_counter()
     torch.set_num_threads(s["threads"])
     with tempfile.TemporaryDirectory(prefix="potstill-onpolicy-") as tmp:

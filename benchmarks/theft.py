@@ -59,7 +59,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import generate, make_log, write_result
+from _common import apply_settings, generate, make_log, write_result
 from _gemma import gemma_dir
 from _provenance import provenance
 from _theft_report import assemble, plot, summary
@@ -305,11 +305,7 @@ def main(argv: list[str] | None = None) -> int:
                             else RESULTS / "theft.json")  # fmt: skip
     started = time.time()
     s = settings_for(args.quick)
-    for item in args.set:
-        name, _, value = item.partition("=")
-        if name not in s:
-            ap.error(f"unknown setting {name!r}; known: {', '.join(s)}")
-        s[name] = json.loads(value)
+    apply_settings(ap, s, args.set)
     if max(s["n_grid"]) != s["n_answers"] or any(n % s["micro_batch"] for n in s["n_grid"]):
         ap.error("n_grid must end at n_answers and be multiples of micro_batch")
     torch.set_num_threads(s["threads"])
