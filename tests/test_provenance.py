@@ -18,13 +18,16 @@ from scipy import stats
 from potstill.cli import main
 from potstill.core.errors import PotstillError
 from potstill.core.prompts import default_prompts
+from potstill.detect.batched import length_batches
 from potstill.detect.provenance import (
     Candidate,
     Endpoint,
     ModelScores,
+    agreement_scores,
     answer_ll,
     as_prompt,
     compare,
+    greedy,
     min_prompts,
     per_prompt_statistic,
     provenance_test,
@@ -207,6 +210,42 @@ def test_model_ll_is_the_models_own_likelihood_and_flags_a_derivative(
             logits = suspect.model(input_ids=torch.tensor([pi + ai])).logits[0, :, : len(tok)]
             ce = float(F.cross_entropy(logits[len(pi) - 1 : -1], torch.tensor(ai), reduction="sum"))
         assert got == pytest.approx(-ce / len(a.encode()), rel=1e-4)
+
+
+def test_length_batches_sort_and_respect_both_limits() -> None:
+    lengths = [5, 1, 9, 3, 3, 7, 2, 40]
+    groups = length_batches(lengths, max_tokens=12, max_rows=3)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    flat = [lengths[i] for g in groups for i in g]
+    assert flat == sorted(lengths)
+    for g in groups:  # a group pads to its longest; only a lone long sequence may exceed
+        assert len(g) <= 3
+        assert len(g) * max(lengths[i] for i in g) <= 12 or len(g) == 1
+    assert [lengths[i] for i in groups[-1]] == [40]
+
+
+def test_batched_scoring_equals_one_sequence_at_a_time(teacher: Candidate) -> None:
+    """Length-sorted, right-padded batches give each sequence's lone-pass values: greedy
+    continuations equal ``generate`` on one unpadded prompt, and agreement equals the argmax
+    match computed from a batch-1 forward pass."""
+    suspect, tok = tiny(7), teacher.tokenizer
+    ids = [tok(as_prompt(tok, p), add_special_tokens=False).input_ids for p in PROMPTS]
+    assert len({len(i) for i in ids}) > 3  # the batches really mix lengths
+    conts = greedy(teacher, ids, 8, batch=5)
+    got = agreement_scores(suspect, ids, conts)
+    assert sum(len(c) == 8 for c in conts) > len(conts) // 2
+    for p, c, g in zip(ids, conts, got):
+        x = torch.tensor([p])
+        with torch.no_grad():
+            ref = teacher.model.generate(input_ids=x, attention_mask=torch.ones_like(x),
+                                         max_new_tokens=8, do_sample=False,
+                                         pad_token_id=tok.pad_token_id)[0, len(p):].tolist()  # fmt: skip
+            logits = suspect.model(input_ids=torch.tensor([p + c])).logits[0, :, : len(tok)]
+        eos = tok.eos_token_id
+        assert c == (ref[: ref.index(eos)] if eos in ref else ref)
+        if c:
+            pred = logits[len(p) - 1 : len(p) + len(c) - 1].argmax(-1).tolist()
+            assert g == sum(a == b for a, b in zip(pred, c)) / len(c)
 
 
 def test_model_ll_reads_an_endpoints_echoed_logprobs_or_says_they_are_missing(

@@ -121,6 +121,38 @@ def test_gradient_accumulation_equals_whole_batch(tmp_path: Path, chunk: int | N
         torch.testing.assert_close(halves[k], whole[k], rtol=1e-5, atol=1e-7)
 
 
+def test_padded_micro_batches_drop_unused_columns_and_keep_the_loss(tmp_path: Path) -> None:
+    """Right-padded rows are cut to the micro-batch's longest: the KD + CE loss and its
+    gradient equal those of the full ``seq_len`` batch (teacher included)."""
+    from potstill.core.models import load_tokenizer
+    from potstill.distill.train.data import prepare_data
+    from potstill.distill.train.models import load_student, load_teacher
+
+    cfg = tiny_cfg(tmp_path / "p", **{"data.packing": False, "loss.ce_weight": 0.5,
+                                     "data.seq_len": 640})  # fmt: skip
+    tok = load_tokenizer(cfg.teacher.spec)
+    data = prepare_data(cfg, tok, world_size=1)
+    batch = data.micro_batch(0, 0)
+    width = batch["input_ids"].shape[1]
+    assert width < 640 and bool(batch["attention_mask"][:, -1].any())
+    rows = batch["rows"]
+    full = {"input_ids": data.blocks[rows], "attention_mask": data.mask[rows],
+            "labels": data.labels[rows], "rows": rows}  # fmt: skip
+    assert not full["attention_mask"][:, width:].any()
+    student = load_student(cfg, tok)
+    teacher = load_teacher(cfg, tok, student.get_output_embeddings().weight.shape[0])
+    params = list(student.parameters())
+    losses, grads = [], []
+    for b in (batch, full):
+        t = micro_loss(HiddenLM(student), teacher, b, cfg).total
+        losses.append(t.detach())
+        grads.append(torch.autograd.grad(t, params, allow_unused=True))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
+    for a, b in zip(*grads):
+        if a is not None or b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_ce_loss_runs_the_head_only_on_counted_positions_and_equals_full_ce(
     tmp_path: Path,
 ) -> None:

@@ -45,14 +45,17 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from potstill.core.errors import PotstillError
+from potstill.detect.batched import length_batches, next_token_logprobs
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+R = TypeVar("R")
 
 __all__ = [
     "Candidate",
@@ -238,21 +241,25 @@ def _device(model: Any) -> Any:
 
 
 def greedy(
-    cand: Candidate, prompts: Sequence[list[int]], n_new: int, batch: int = 8
+    cand: Candidate, prompts: Sequence[list[int]], n_new: int, batch: int = 32
 ) -> list[list[int]]:
-    """The model's greedy continuation (``n_new`` ids, EOS allowed) of each prompt's ids."""
+    """The model's greedy continuation (``n_new`` ids, EOS allowed) of each prompt's ids.
+
+    Prompts go in length-sorted batches of up to ``batch``: decoding is bound by reading the
+    weights once per step, so a wider batch is nearly free, and sorting keeps left padding short.
+    """
     import torch
 
-    tok, out = cand.tokenizer, []
+    tok, out = cand.tokenizer, {}
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    for start in range(0, len(prompts), batch):
-        chunk = prompts[start : start + batch]
-        width = max(len(p) for p in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.int64)
+    groups = length_batches([len(p) for p in prompts], max_tokens=batch * 512, max_rows=batch)
+    for group in groups:
+        width = max(len(prompts[i]) for i in group)
+        ids = torch.full((len(group), width), pad, dtype=torch.int64)
         mask = torch.zeros_like(ids)
-        for i, p in enumerate(chunk):  # left padding: every row ends at the last column
-            ids[i, width - len(p) :] = torch.tensor(p)
-            mask[i, width - len(p) :] = 1
+        for row, i in enumerate(group):  # left padding: every row ends at the last column
+            ids[row, width - len(prompts[i]) :] = torch.tensor(prompts[i])
+            mask[row, width - len(prompts[i]) :] = 1
         with torch.no_grad():
             gen = cand.model.generate(  # type: ignore[operator]  # transformers' typing
                 input_ids=ids.to(_device(cand.model)),
@@ -262,27 +269,22 @@ def greedy(
                 pad_token_id=pad,
             )
         eos = tok.eos_token_id
-        for row in gen[:, width:].tolist():
-            out.append(row[: row.index(eos)] if eos is not None and eos in row else row)
-    return out
+        for i, row in zip(group, gen[:, width:].tolist()):
+            out[i] = row[: row.index(eos)] if eos is not None and eos in row else row
+    return [out[i] for i in range(len(prompts))]
 
 
-def _forward_logprobs(cand: Candidate, seqs: Sequence[list[int]]) -> list[Any]:
-    """Per sequence: log-softmax ``[T, V]`` (fp32) of the model's next-token predictions.
-
-    Over the logits that name real tokens only (``V = min(len(tokenizer), logit width)``):
-    padding rows of the head can never be emitted, and a server drops them too.
-    """
-    import torch
-
-    out = []
+def _logprobs(
+    cand: Candidate,
+    seqs: Sequence[list[int]],
+    reduce: Callable[[int, Any], R],
+    normalise: bool = True,
+) -> list[R]:
+    """``reduce(i, lp_i)`` per sequence, ``lp_i [T, V]`` the fp32 next-token log-softmax over
+    the logits that name real tokens (``V = len(tokenizer)``: padding rows of a head can never be
+    emitted, and a server drops them too), from batched passes."""
     width = len(cand.tokenizer)
-    with torch.no_grad():
-        for s in seqs:
-            x = torch.tensor([s], device=_device(cand.model))
-            logits = cand.model(input_ids=x).logits[0, :, :width].float()
-            out.append(torch.log_softmax(logits, -1).cpu())
-    return out
+    return next_token_logprobs(cand.model, seqs, reduce, width=width, normalise=normalise)
 
 
 def _encode(tok: Any, text: str) -> list[int]:
@@ -303,12 +305,13 @@ def as_prompt(tok: Any, text: str) -> str:
 
 def prompt_ll_per_byte(cand: Candidate, prompts: Sequence[str]) -> float:
     """Mean log-likelihood (nats per UTF-8 byte) of the prompts: a capability proxy."""
-    total, nbytes = 0.0, 0
     seqs = [_encode(cand.tokenizer, p) for p in prompts]
-    for s, lp in zip(seqs, _forward_logprobs(cand, seqs)):
-        if len(s) > 1:
-            total += float(lp[:-1].gather(1, _col(s[1:])).sum())
-            nbytes += len(str(cand.tokenizer.decode(s[1:])).encode())
+
+    def ll(i: int, lp: Any) -> float:
+        return float(lp[:-1].gather(1, _col(seqs[i][1:])).sum())
+
+    total = sum(v for s, v in zip(seqs, _logprobs(cand, seqs, ll)) if len(s) > 1)
+    nbytes = sum(len(str(cand.tokenizer.decode(s[1:])).encode()) for s in seqs if len(s) > 1)
     return total / max(1, nbytes)
 
 
@@ -322,16 +325,16 @@ def agreement_scores(
     cand: Candidate, prompts: Sequence[list[int]], conts: Sequence[list[int]]
 ) -> list[float]:
     """Per prompt: fraction of the teacher's continuation tokens that are the model's argmax."""
-    out = []
-    for p, c, lp in zip(
-        prompts, conts, _forward_logprobs(cand, [p + c for p, c in zip(prompts, conts)])
-    ):
+
+    def agree(i: int, lp: Any) -> float:
+        p, c = prompts[i], conts[i]
         if not c:
-            out.append(float("nan"))
-            continue
+            return float("nan")
         pred = lp[len(p) - 1 : len(p) + len(c) - 1].argmax(-1).tolist()
-        out.append(sum(int(a == b) for a, b in zip(pred, c)) / len(c))
-    return out
+        return sum(int(a == b) for a, b in zip(pred, c)) / len(c)
+
+    # an argmax needs no normalisation: the raw logits have the same one
+    return _logprobs(cand, [p + c for p, c in zip(prompts, conts)], agree, normalise=False)
 
 
 def answer_ll(model: Model, prompts: Sequence[str], answers: Sequence[str]) -> list[float]:
@@ -343,16 +346,14 @@ def answer_ll(model: Model, prompts: Sequence[str], answers: Sequence[str]) -> l
     tok = model.tokenizer
     ps = [_encode(tok, as_prompt(tok, p)) for p in prompts]
     ans = [_encode(tok, a) for a in answers]
-    out = []
-    for p, a, lp, text in zip(
-        ps, ans, _forward_logprobs(model, [p + a for p, a in zip(ps, ans)]), answers
-    ):
-        if not a or not text.encode():
-            out.append(float("nan"))
-            continue
-        total = float(lp[len(p) - 1 : len(p) + len(a) - 1].gather(1, _col(a)).sum())
-        out.append(total / len(text.encode()))
-    return out
+
+    def ll(i: int, lp: Any) -> float:
+        p, a, n = ps[i], ans[i], len(answers[i].encode())
+        if not a or not n:
+            return float("nan")
+        return float(lp[len(p) - 1 : len(p) + len(a) - 1].gather(1, _col(a)).sum()) / n
+
+    return _logprobs(model, [p + a for p, a in zip(ps, ans)], ll)
 
 
 def _paired(s: Sequence[float], c: Sequence[float]) -> tuple[float, float, float, float]:

@@ -73,7 +73,22 @@ class TrainData:
         }
         if self.targets is not None:
             batch["topk_ids"], batch["topk_logprobs"] = self.targets.lookup(rows)
+        return _trim_padding(batch)
+
+
+def _trim_padding(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Drop the trailing columns no row of the micro-batch uses (right-padded conversations).
+
+    Exact: a causal model never attends to later positions, and the dropped columns carry
+    only ``-100`` labels. A conversation batch then costs its longest row, not ``seq_len``
+    (~2x fewer tokens for chat answers of 64 tokens at ``seq_len`` 256). Packed blocks have
+    no padding and keep their shape.
+    """
+    used = batch["attention_mask"].any(dim=0)
+    width = int(used.nonzero().max()) + 1 if bool(used.any()) else 1
+    if width == used.shape[0]:
         return batch
+    return {k: v if k == "rows" else v[:, :width] for k, v in batch.items()}
 
 
 def _blocks(texts: list[str], tokenizer: Any, seq_len: int, packing: bool) -> tuple[Tensor, Tensor]:
