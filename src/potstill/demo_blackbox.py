@@ -48,7 +48,7 @@ BLACKBOX_DEFAULTS: dict[str, Any] = {
     "context_width": 1,
     "alpha": 0.01,
     "control_text": "shakespeare:train",  # the control's non-teacher answers
-    "provenance_prompts": 96,
+    "provenance_prompts": 64,  # 96 took ~20 s more on 2 cores
     # "asked": prompts the suspect's key sent (the owner's server logs them); "fresh": new ones
     "provenance_from": "fresh",
     "provenance_tokens": 32,
