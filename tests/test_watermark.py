@@ -207,6 +207,26 @@ def test_kgw_processor_adds_delta_on_green_only() -> None:
         KGWProcessor(KEY, gamma=1.0)
 
 
+def test_kgw_kept_green_lists_equal_fresh_hashes_and_stay_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Green lists kept across steps (repeated contexts, evictions) equal the lists hashed
+    anew by ``vocab_mask``; the store never holds more than its byte budget allows."""
+    from potstill.core.watermark import kgw
+
+    vocab = 500
+    monkeypatch.setattr(kgw, "GREEN_CACHE_BYTES", 6 * vocab)  # room for 6 lists
+    proc = KGWProcessor(KEY, gamma=0.25, delta=2.0, context_width=1)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(30):  # 12 distinct contexts: hits, misses and evictions all happen
+        ids = torch.randint(0, 12, (5, 3), generator=gen)
+        scores = torch.randn(5, vocab, generator=gen)
+        want = proc.vocab_mask(ids[:, -1:].tolist(), vocab).float() * 2.0
+        assert torch.equal(proc(ids, scores), scores + want)
+        assert len(proc._lists) <= 6
+    assert len(proc._lists) == 6
+
+
 def test_kgw_generation_is_detected(tiny: tuple[torch.nn.Module, object]) -> None:
     model, tok = tiny
     params = WatermarkParams("kgw", gamma=0.25, delta=4.0, context_width=2)
