@@ -252,7 +252,9 @@ def greedy(
 
     tok, out = cand.tokenizer, {}
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    groups = length_batches([len(p) for p in prompts], max_tokens=batch * 512, max_rows=batch)
+    lengths = [len(p) for p in prompts]
+    # rows are the only limit here: a group of `batch` of the longest prompts always fits
+    groups = length_batches(lengths, max_tokens=batch * max(lengths, default=1), max_rows=batch)
     for group in groups:
         width = max(len(prompts[i]) for i in group)
         ids = torch.full((len(group), width), pad, dtype=torch.int64)
