@@ -144,3 +144,35 @@ def test_reverse_kl_is_generalized_jsd_at_beta_one() -> None:
     v, g = _grads(lambda x: fused_kd_objective(x, t, labels, beta=1.0), s)
     torch.testing.assert_close(v, ref_v, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(g, ref_g, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.1, 0.5, 0.9])
+def test_generalized_jsd_with_underflowing_and_masked_probabilities(beta: float) -> None:
+    """The mixture is formed in probability space: where the teacher's and the student's
+    probabilities underflow fp32 (log-probs near -300), or a logit is -inf, the value and the
+    gradient still equal autograd through the log-space reference, with nothing NaN."""
+    from potstill.distill.losses import generalized_jsd
+
+    s, t, labels = _case(5)
+    s[0, 3:, :10] = -300.0  # both sides below fp32's smallest probability on these ids
+    t[0, 3:, :10] = -300.0
+    t[1, :, 10:20] = -300.0  # the teacher alone underflows
+    s[2, :, 20:25] = -300.0  # the student alone underflows
+    t[2, :, 25] = float("-inf")  # a token the teacher rules out
+    ref_v, ref_g = _grads(lambda x: generalized_jsd(x, t, labels, beta=beta, reduction="sum"), s)
+    v, g = _grads(lambda x: fused_kd_objective(x, t, labels, beta=beta), s)
+    assert torch.isfinite(v) and bool(torch.isfinite(g).all())
+    torch.testing.assert_close(v, ref_v, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g, ref_g, rtol=1e-5, atol=1e-6)
+
+
+def test_default_chunks_give_the_same_result_as_one_row_at_a_time() -> None:
+    """The default chunk (about 1 MiB of fp32 per temporary) only regroups rows."""
+    g = torch.Generator().manual_seed(6)
+    s = torch.randn(40, 9000, generator=g) * 3  # 29 rows per default chunk: two chunks
+    t = torch.randn(40, 9000, generator=g) * 3
+    labels = torch.randint(0, 9000, (40,), generator=g)
+    one_v, one_g = _grads(lambda x: fused_kd_objective(x, t, labels, beta=0.5, chunk_tokens=1), s)
+    v, grad = _grads(lambda x: fused_kd_objective(x, t, labels, beta=0.5), s)
+    torch.testing.assert_close(v, one_v, rtol=1e-6, atol=1e-4)
+    torch.testing.assert_close(grad, one_g, rtol=1e-6, atol=1e-9)

@@ -26,7 +26,6 @@ them; the tests check both. The teacher is a constant (no gradient flows into it
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -37,6 +36,13 @@ from potstill.distill.losses._common import check_temperature, check_unit_interv
 from potstill.distill.losses.sparse import TAIL_FLOOR
 
 Teacher = Tensor | tuple[Tensor, Tensor] | None
+
+# The smallest positive fp32 (a subnormal): the floor under a mixture probability before its log.
+_TINY = 1e-45
+# Rows per chunk: about this many bytes of one [rows, V] fp32 temporary. A chunk's dozen
+# temporaries then stay in a core's L2 (2 MiB here); at V = 49,152, 32-row chunks (6 MiB each)
+# made the generalised JSD 1.5x slower than 4-row ones, measured forward + backward.
+_CHUNK_BYTES = 1 << 20
 
 
 def _ce_rows(ls1: Tensor, targets: Tensor) -> Tensor:
@@ -74,12 +80,15 @@ def _jsd_rows(
         ratio = ls - lt
         kl = torch.where(q > 0, q * ratio, zero).sum(-1)
         return kl, q * (torch.where(q > 0, ratio, zero) - kl[:, None])
-    lm = torch.logaddexp(lt + math.log(beta), ls + math.log(1.0 - beta))
     p = lt.exp()
+    # The mixture in probability space: one fused add and one log instead of logaddexp's
+    # exp, log1p and max (measured ~20% of the objective at V = 49,152). A term whose p and q
+    # both underflow has weight 0 either way; the clamp keeps log(m) finite there.
+    lm = torch.add(q, p, alpha=beta / (1.0 - beta)).mul_(1.0 - beta).clamp_min_(_TINY).log_()
     kl_p = torch.where(p > 0, p * (lt - lm), zero).sum(-1)
-    r_q = torch.where(q > 0, ls - lm, zero)
+    r_q = torch.where(q > 0, ls - lm, zero)  # a -inf student logit has q = 0: no 0 * inf
     kl_q = (q * r_q).sum(-1)
-    grad = q * (r_q - kl_q[:, None]) * (1.0 - beta)
+    grad = r_q.sub_(kl_q[:, None]).mul_(q).mul_(1.0 - beta)
     return beta * kl_p + (1.0 - beta) * kl_q, grad
 
 
@@ -198,7 +207,7 @@ def fused_kd_objective(
     alpha: float = 0.0,
     temperature: float = 1.0,
     ignore_index: int = -100,
-    chunk_tokens: int = 32,
+    chunk_tokens: int | None = None,
     beta: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``alpha*CE + (1-alpha)*T^2*KD`` summed over unmasked tokens, with its CE and KD terms.
@@ -212,6 +221,7 @@ def fused_kd_objective(
         alpha: CE weight in [0, 1]. CE is at temperature 1; KD at ``temperature`` times ``T^2``.
         beta: with full teacher logits, the divergence is the generalised JSD at ``beta``
             (0 = forward KL, the default; 1 = reverse KL); ignored for top-k targets (forward KL).
+        chunk_tokens: rows per chunk; default about 1 MiB of fp32 per ``[rows, V]`` temporary.
 
     Returns:
         ``(total, ce_sum, kd_sum)``: fp32 scalars in nats, summed (not averaged) over the
@@ -220,6 +230,8 @@ def fused_kd_objective(
     check_temperature(temperature)
     check_unit_interval("alpha", alpha)
     check_unit_interval("beta", beta)
+    if chunk_tokens is None:
+        chunk_tokens = max(1, _CHUNK_BYTES // (4 * student_logits.shape[-1]))
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     dense = teacher if isinstance(teacher, Tensor) else None
