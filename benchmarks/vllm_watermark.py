@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                        additional_config=vllm_config_for(str(key_file), params))  # fmt: skip
         texts, with_s = vllm_generate(llm, prompts, 1.0, s["tokens"], True)
         greedy_vllm, _ = vllm_generate(
-            llm, prompts[: s["n_greedy"]], 0.0, s["greedy_tokens"], False, 0
+            llm, prompts[: s["n_greedy"]], 0.0, s["greedy_tokens"], False
         )
         del llm
         bare = vllm.LLM(**common)
