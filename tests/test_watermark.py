@@ -171,6 +171,28 @@ def test_integer_hash_matches_reference_without_overflow() -> None:
     assert _fmix32(torch.tensor(xs)).tolist() == [_lowbias32(x) for x in xs]
 
 
+def test_whole_green_lists_equal_the_reference_hash() -> None:
+    """The chunked, in-place path for whole vocabularies gives the bits of the pure-Python
+    lowbias32 reference, for an odd number of seeds (a partial last chunk) and edge words."""
+    from potstill.core.watermark.prf import hash32_below
+
+    rng = random.Random(2)
+    words = [(0, 0), (2**32 - 1, 2**32 - 1)] + [
+        (rng.getrandbits(32), rng.getrandbits(32)) for _ in range(3)
+    ]
+    vocab = 1000
+    threshold = round(0.25 * 2**32)
+    w0 = torch.tensor([[a] for a, _ in words])
+    w1 = torch.tensor([[b] for _, b in words])
+    got = hash32_below(torch.arange(vocab)[None, :], w0, w1, threshold)
+    m = 0xFFFFFFFF
+    want = [
+        [_lowbias32((_lowbias32((t + a) & m) + b) & m) < threshold for t in range(vocab)]
+        for a, b in words
+    ]
+    assert got.tolist() == want
+
+
 def test_kgw_green_fraction_determinism_and_key_dependence() -> None:
     vocab = 49152
     proc = KGWProcessor(KEY, gamma=0.25, context_width=2)

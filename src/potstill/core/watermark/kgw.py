@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from potstill.core.watermark.prf import SeedCache, hash32
+from potstill.core.watermark.prf import SeedCache, hash32, hash32_below
 
 if TYPE_CHECKING:
     import torch
@@ -68,8 +68,8 @@ class KGWProcessor:
         """Bool: ``tokens`` ([N] or [1, V]) green under each of the N ``contexts``."""
         words = self._seeds.words(contexts, device)
         w0, w1 = words[:, 0], words[:, 1]
-        if tokens.dim() == 2:  # [1, V] against [N, 1]
-            w0, w1 = w0[:, None], w1[:, None]
+        if tokens.dim() == 2:  # whole lists: [1, V] against [N, 1]
+            return hash32_below(tokens, w0[:, None], w1[:, None], self._threshold)
         return hash32(tokens, w0, w1) < self._threshold
 
     def vocab_mask(self, context: Sequence[Sequence[int]], vocab_size: int) -> torch.Tensor:
