@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "native": detection(native, prompts, key, params, s["alpha"]),
     }
     res["native"]["seconds"] = native_s
-    with __import__("tempfile").TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         key_file = write_key(Path(tmp) / "wm.key", key)
         common = {"model": str(resolve_model_dir(s["model"])), "dtype": "float32",
                   "enforce_eager": True, "max_model_len": 1024, "seed": s["seed"]}  # fmt: skip

@@ -78,6 +78,7 @@ class _Slot:
     key: int  # stable for the request's life in the batch (DecodeRows.keys)
     context: _Context
     temperature: float
+    chain: tuple[Any, ...]  # the request's processors, chosen once when it is added
 
 
 class PotstillWatermark(LogitsProcessor):
@@ -107,9 +108,9 @@ class PotstillWatermark(LogitsProcessor):
             self._slots.pop(index, None)
         for index, params, prompt, output in batch_update.added:
             temperature = float(getattr(params, "temperature", 1.0) or 0.0)
-            self._slots[index] = _Slot(
-                next(self._keys), _Context(prompt or [], output), temperature
-            )
+            chain = tuple(self._build({"temperature": temperature}))
+            context = _Context(prompt or [], output)
+            self._slots[index] = _Slot(next(self._keys), context, temperature, chain)
         for a, b, direction in batch_update.moved:
             first, second = self._slots.pop(a, None), self._slots.pop(b, None)
             if first is not None:
@@ -119,25 +120,20 @@ class PotstillWatermark(LogitsProcessor):
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         """``logits [B, V]`` with each slot's watermark applied (a new tensor where changed)."""
-        groups: dict[int, list[int]] = {}  # processor chain (by identity) -> slots using it
-        chains: dict[int, list[Any]] = {}
+        groups: dict[tuple[int, ...], list[int]] = {}  # slots sharing one processor chain
         for index in range(logits.shape[0]):
             slot = self._slots.get(index)
-            if slot is None:
-                continue
-            chain = self._build({"temperature": slot.temperature})
-            groups.setdefault(id(chain[0]) if chain else 0, []).append(index)
-            chains.setdefault(id(chain[0]) if chain else 0, chain)
-        for cid, index in groups.items():
-            if not chains[cid]:
-                continue  # e.g. Gumbel leaves greedy requests as they are
+            if slot is not None and slot.chain:  # e.g. Gumbel leaves greedy requests as they are
+                groups.setdefault(tuple(map(id, slot.chain)), []).append(index)
+        for index in groups.values():
+            slots = [self._slots[i] for i in index]
             rows = DecodeRows(
-                tuple(self._slots[i].key for i in index),
-                tuple(self._slots[i].context for i in index),
-                tuple(self._slots[i].temperature for i in index),
+                tuple(s.key for s in slots),
+                tuple(s.context for s in slots),
+                tuple(s.temperature for s in slots),
             )
             scores = logits[index]
-            for proc in chains[cid]:
+            for proc in slots[0].chain:
                 scores = proc(rows, scores)
             logits[index] = scores.to(logits.dtype)
         return logits
