@@ -95,3 +95,23 @@ def test_metadata_records_settings_but_never_the_key(tmp_path: Path) -> None:
         "key_id": KEY.key_id,
     }
     assert bytes(range(32)).hex() not in path.read_text()
+
+
+@pytest.mark.parametrize("scheme", ["kgw", "gumbel"])
+def test_in_place_processing_equals_the_copying_call(scheme: str) -> None:
+    """``apply_`` (what the vLLM adapter calls on vLLM's own logits) writes the served
+    processor's result into the batch it is given, rows without a full context included."""
+    import torch
+
+    from potstill.serve.sampling import DecodeRows
+
+    params = WatermarkParams(scheme, gamma=0.25, delta=2.0, context_width=2)
+    (proc,) = watermark_processors(WatermarkKey(bytes(range(32))), params)({"temperature": 0.7})
+    for contexts in ([[1, 2, 3], [9], [4, 5]], [[1, 2, 3], [8, 9], [4, 5]]):  # some, all full
+        rows = DecodeRows((0, 1, 2), tuple(contexts), (0.7, 0.7, 0.7))
+        scores = torch.randn(3, 300, generator=torch.Generator().manual_seed(len(contexts[1])))
+        want = proc(rows, scores)
+        got = scores.clone()
+        assert proc.apply_(rows, got) is got
+        assert torch.equal(got, want)
+        assert not torch.equal(want, scores)

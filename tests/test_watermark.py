@@ -171,26 +171,60 @@ def test_integer_hash_matches_reference_without_overflow() -> None:
     assert _fmix32(torch.tensor(xs)).tolist() == [_lowbias32(x) for x in xs]
 
 
-def test_whole_green_lists_equal_the_reference_hash() -> None:
-    """The chunked, in-place path for whole vocabularies gives the bits of the pure-Python
-    lowbias32 reference, for an odd number of seeds (a partial last chunk) and edge words."""
-    from potstill.core.watermark.prf import hash32_below
+@pytest.mark.parametrize("form", ["hash32_below", "_below_wrapping", "_below_exact"])
+@pytest.mark.parametrize("gamma", [0.25, 0.5, 0.9])
+def test_whole_green_lists_equal_the_reference_hash(form: str, gamma: float) -> None:
+    """Both whole-vocabulary paths (wrapping int32, exact int64) and the dispatch between them
+    give the bits of the pure-Python lowbias32 reference, for an odd number of seeds (a partial
+    last chunk), edge words, a vocabulary with a scalar tail and thresholds either side of
+    2^31 (the signed/unsigned boundary of the int32 compare)."""
+    from potstill.core.watermark import prf
 
     rng = random.Random(2)
-    words = [(0, 0), (2**32 - 1, 2**32 - 1)] + [
-        (rng.getrandbits(32), rng.getrandbits(32)) for _ in range(3)
+    words = [(0, 0), (2**32 - 1, 2**32 - 1), (2**31, 2**31 - 1)] + [
+        (rng.getrandbits(32), rng.getrandbits(32)) for _ in range(2)
     ]
-    vocab = 1000
-    threshold = round(0.25 * 2**32)
+    vocab = 1013
+    threshold = round(gamma * 2**32)
     w0 = torch.tensor([[a] for a, _ in words])
     w1 = torch.tensor([[b] for _, b in words])
-    got = hash32_below(torch.arange(vocab)[None, :], w0, w1, threshold)
+    got = getattr(prf, form)(torch.arange(vocab)[None, :], w0, w1, threshold)
     m = 0xFFFFFFFF
     want = [
         [_lowbias32((_lowbias32((t + a) & m) + b) & m) < threshold for t in range(vocab)]
         for a, b in words
     ]
     assert got.tolist() == want
+
+
+def test_green_lists_fall_back_to_int64_where_int32_does_not_wrap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A device whose probe fails (recorded in ``_WRAPS``) gets the exact int64 form."""
+    from potstill.core.watermark import prf
+
+    calls: list[str] = []
+    monkeypatch.setitem(prf._WRAPS, "cpu", False)
+    monkeypatch.setattr(prf, "_below_exact", lambda *a: calls.append("exact") or "x")
+    monkeypatch.setattr(prf, "_below_wrapping", lambda *a: calls.append("wrap") or "y")
+    w = torch.zeros((1, 1), dtype=torch.int64)
+    assert prf.hash32_below(torch.arange(4)[None, :], w, w, 7) == "x"
+    monkeypatch.setitem(prf._WRAPS, "cpu", True)
+    assert prf.hash32_below(torch.arange(4)[None, :], w, w, 7) == "y"
+    assert prf.hash32_below(torch.arange(4)[None, :], w, w, 2**32) == "x"  # beyond int32's compare
+    assert calls == ["exact", "wrap", "exact"]
+
+
+def test_kgw_bias_in_place_equals_the_copying_call() -> None:
+    """``bias_`` writes ``__call__``'s exact result into the tensor it is given."""
+    proc = KGWProcessor(KEY, gamma=0.25, delta=2.5, context_width=2)
+    ids = torch.tensor([[5, 9, 1], [4, 4, 7], [0, 3, 3]])
+    scores = torch.randn(3, 777)
+    want = proc(ids, scores)
+    inplace = scores.clone()
+    assert proc.bias_(ids, inplace) is inplace
+    assert torch.equal(inplace, want)
+    assert not torch.equal(want, scores)  # the call itself left its input alone
 
 
 def test_kgw_green_fraction_determinism_and_key_dependence() -> None:

@@ -39,12 +39,16 @@ class ServedKGW:
         self.proc = proc
 
     def __call__(self, rows: DecodeRows, scores: Tensor) -> Tensor:
+        return self.apply_(rows, scores.clone())
+
+    def apply_(self, rows: DecodeRows, scores: Tensor) -> Tensor:
+        """:meth:`__call__` in place on ``scores`` (returned)."""
         tails, idx = rows.tails(self.proc.context_width)
-        if not idx:
-            return scores
-        out = scores.clone()
-        out[idx] = self.proc(tails, scores[idx])
-        return out
+        if len(idx) == len(rows):  # every row has a full context: no gather, no scatter
+            return self.proc.bias_(tails, scores)
+        if idx:
+            scores[idx] = self.proc.bias_(tails, scores[idx])
+        return scores
 
 
 class ServedGumbel:
@@ -64,6 +68,10 @@ class ServedGumbel:
         out = scores.clone()
         out[idx] = self.proc(tails, scores[idx] / temps[:, None])
         return out
+
+    def apply_(self, rows: DecodeRows, scores: Tensor) -> Tensor:
+        """:meth:`__call__`, written into ``scores`` (returned)."""
+        return scores.copy_(self(rows, scores))
 
 
 def watermark_processors(

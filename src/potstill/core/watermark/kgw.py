@@ -83,12 +83,20 @@ class KGWProcessor:
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """Logits ``scores [B, V]`` plus ``delta`` on each row's green tokens."""
+        if input_ids.shape[-1] < self.context_width:  # no full context: left unwatermarked
+            return scores
+        return self.bias_(input_ids, scores.clone())
+
+    def bias_(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """:meth:`__call__` in place on ``scores [B, V]`` (returned): the same bits, with no
+        ``[B, V]`` temporaries (an engine's decode step pays for every full-batch copy)."""
         k = self.context_width
-        if input_ids.shape[-1] < k:  # no full context yet: leave unwatermarked
+        if input_ids.shape[-1] < k:
             return scores
         contexts = [tuple(row) for row in input_ids[:, -k:].tolist()]
-        green = self._green_lists(contexts, scores.shape[-1], scores.device)
-        return scores + green.to(scores.dtype) * self.delta
+        for row, green in zip(scores, self._green_rows(contexts, scores.shape[-1], scores.device)):
+            row.add_(green, alpha=self.delta)  # + delta * 1.0 on green, + 0.0 elsewhere
+        return scores
 
     def is_green(self, context_ids: tuple[int, ...], token: int) -> bool:
         """Whether ``token`` is green after the k token ids ``context_ids``."""
@@ -119,11 +127,11 @@ class KGWProcessor:
                 f"contexts have {width} tokens, the watermark uses {self.context_width}"
             )
 
-    def _green_lists(
+    def _green_rows(
         self, contexts: list[tuple[int, ...]], vocab_size: int, device: torch.device
-    ) -> torch.Tensor:
-        """Bool ``[N, vocab_size]`` green lists, each distinct context's computed once and kept
-        (least recently used first out, within ``GREEN_CACHE_BYTES``).
+    ) -> list[torch.Tensor]:
+        """Bool ``[vocab_size]`` green lists, one per context; each distinct context's is
+        computed once and kept (least recently used first out, within ``GREEN_CACHE_BYTES``).
 
         A list is a pure function of (key, context), so a kept one is exact. It pays because
         contexts repeat: with width 1 the context is the previous token, shared across the rows
@@ -138,7 +146,7 @@ class KGWProcessor:
             vocab = torch.arange(vocab_size, dtype=torch.int64, device=device)[None, :]
             for c, row in zip(new, self._green(new, vocab, device)):
                 self._lists[(c, vocab_size, tag)] = row.clone()
-        out = torch.stack([self._lists[(c, vocab_size, tag)] for c in contexts])
+        out = [self._lists[(c, vocab_size, tag)] for c in contexts]
         for c in contexts:
             self._lists.move_to_end((c, vocab_size, tag))
         while len(self._lists) > max(1, GREEN_CACHE_BYTES // vocab_size):

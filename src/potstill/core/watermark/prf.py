@@ -10,8 +10,10 @@ Two stages, so that a whole vocabulary costs one HMAC plus a few vectorised inte
    token ids. For a fixed token and a uniformly random seed, ``h`` is exactly uniform on
    ``[0, 2^32)``; across tokens it is pseudo-random, which the null-calibration tests check.
 
-All integers stay below 2^63 inside int64 (see :func:`_fmix32`), so nothing relies on
-signed overflow and CPU and GPU give identical bits.
+The reference form keeps every integer below 2^63 inside int64 (see :func:`_fmix32`), so
+nothing relies on signed overflow and CPU and GPU give identical bits. Whole green lists, the
+hot loop of serving, run the same function in int32 that wraps mod 2^32 (3.7x faster), on
+devices where a probe shows the wrapping gives those bits (:func:`_int32_wraps`).
 """
 
 from __future__ import annotations
@@ -73,19 +75,62 @@ def _fmix32_(x: torch.Tensor) -> torch.Tensor:
 
 
 # Rows of an [N, V] green-list block hashed at once: two rows of a 49,152-token vocabulary are
-# 768 KiB of int64, so the in-place passes stay in a core's L2. 100 whole lists took 334 ms
-# as one [100, V] block of fresh temporaries, 29 ms two rows at a time (same bits).
+# 384 KiB of int32, so the in-place passes stay in a core's L2. 100 whole lists took 334 ms
+# as one [100, V] block of fresh int64 temporaries, 29 ms two rows at a time (same bits).
 _HASH_ROWS = 2
+_INT32_MIN = -(2**31)
 
 
-def hash32_below(
+def _signed32(w: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2^32) as int32 holding the same 32 bits."""
+    import torch
+
+    return torch.where(w >= 2**31, w - 2**32, w).to(torch.int32)
+
+
+def _fmix32_wrapping_(x: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """:func:`_fmix32` in place on int32 ``x`` holding 32-bit patterns (``tmp``: scratch of
+    its shape). The products wrap mod 2^32 and the masks turn arithmetic shifts logical."""
+    import torch
+
+    torch.bitwise_right_shift(x, 16, out=tmp).bitwise_and_(0xFFFF)
+    x ^= tmp
+    x.mul_(0x7FEB352D)
+    torch.bitwise_right_shift(x, 15, out=tmp).bitwise_and_(0x1FFFF)
+    x ^= tmp
+    x.mul_(0x846CA68B - 2**32)
+    torch.bitwise_right_shift(x, 16, out=tmp).bitwise_and_(0xFFFF)
+    x ^= tmp
+    return x
+
+
+def _below_wrapping(
     tokens: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, threshold: int
 ) -> torch.Tensor:
-    """``hash32(tokens, w0, w1) < threshold`` for many seeds at once: bool ``[N, V]``.
+    """:func:`hash32_below` in int32 arithmetic that wraps: half the bytes per pass and no
+    masking after each product (3.7x faster than the int64 form on a 2-core CPU, [32, 49152])."""
+    import torch
 
-    ``tokens``: int64 ``[1, V]``; ``w0``, ``w1``: int64 ``[N, 1]``. The same bits as
-    :func:`hash32`, computed a few rows at a time with in-place ops.
-    """
+    vocab = tokens.to(torch.int32)
+    a, b = _signed32(w0), _signed32(w1)
+    out = torch.empty((w0.shape[0], tokens.shape[-1]), dtype=torch.bool, device=tokens.device)
+    x = torch.empty((_HASH_ROWS, tokens.shape[-1]), dtype=torch.int32, device=tokens.device)
+    tmp = torch.empty_like(x)
+    for i in range(0, w0.shape[0], _HASH_ROWS):
+        rows = slice(i, i + _HASH_ROWS)
+        n = min(_HASH_ROWS, w0.shape[0] - i)
+        xs, ts = x[:n], tmp[:n]
+        torch.add(vocab, a[rows], out=xs)
+        _fmix32_wrapping_(xs, ts).add_(b[rows])
+        _fmix32_wrapping_(xs, ts).bitwise_xor_(_INT32_MIN)  # unsigned order as signed order
+        torch.lt(xs, threshold + _INT32_MIN, out=out[rows])
+    return out
+
+
+def _below_exact(
+    tokens: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, threshold: int
+) -> torch.Tensor:
+    """:func:`hash32_below` in int64 with no overflow anywhere (the reference form)."""
     import torch
 
     out = torch.empty((w0.shape[0], tokens.shape[-1]), dtype=torch.bool, device=tokens.device)
@@ -95,6 +140,45 @@ def hash32_below(
         x = _fmix32_(x.add_(w1[rows]).bitwise_and_(MASK32))
         torch.lt(x, threshold, out=out[rows])
     return out
+
+
+_WRAPS: dict[str, bool] = {}  # device type -> whether its int32 kernels wrap as required
+
+
+def _int32_wraps(device: torch.device) -> bool:
+    """Whether :func:`_below_wrapping` gives :func:`_below_exact`'s bits on ``device``.
+
+    C++ leaves signed overflow undefined; torch's CPU (SIMD ``mullo``) and CUDA kernels wrap,
+    but that is checked once per device type on a probe that covers the vectorised body and
+    the scalar tail, every seed bit and every threshold sign, rather than assumed.
+    """
+    import torch
+
+    if device.type not in _WRAPS:
+        gen = torch.Generator().manual_seed(0)
+        tokens = torch.arange(1031, dtype=torch.int64)[None, :].to(device)
+        seeds = torch.randint(0, 2**32, (5, 2), generator=gen, dtype=torch.int64)
+        seeds[0], seeds[1] = 0, MASK32
+        w0, w1 = seeds[:, :1].to(device), seeds[:, 1:].to(device)
+        _WRAPS[device.type] = all(
+            torch.equal(_below_wrapping(tokens, w0, w1, t), _below_exact(tokens, w0, w1, t))
+            for t in (1, 2**31, round(0.25 * 2**32), MASK32)
+        )
+    return _WRAPS[device.type]
+
+
+def hash32_below(
+    tokens: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, threshold: int
+) -> torch.Tensor:
+    """``hash32(tokens, w0, w1) < threshold`` for many seeds at once: bool ``[N, V]``.
+
+    ``tokens``: int64 ``[1, V]``, ids below 2^31; ``w0``, ``w1``: int64 ``[N, 1]``;
+    ``threshold`` in ``[1, 2^32)``. The same bits as :func:`hash32`, a few rows at a time,
+    in wrapping int32 where the device's kernels are checked to wrap.
+    """
+    if threshold <= MASK32 and _int32_wraps(tokens.device):
+        return _below_wrapping(tokens, w0, w1, threshold)
+    return _below_exact(tokens, w0, w1, threshold)
 
 
 def uniform53(tokens: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
