@@ -58,6 +58,7 @@ from potstill.detect import collect_open_tuples, score_corpus
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import generate, make_log, write_result
+from _provenance import provenance
 from _radioactivity_report import plot_qq, summary
 
 REPO = Path(__file__).resolve().parents[1]
@@ -519,6 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     torch.set_num_threads(s["threads"])
     t0 = time.perf_counter()
+    started = time.time()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="potstill-radio-") as tmp:
         partial = args.out.with_name(args.out.stem + "_partial.json")
@@ -559,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
                     "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()},
         "total_seconds": time.perf_counter() - t0,
     }  # fmt: skip
+    res["provenance"] = provenance(started)
     write_result(args.out, res)
     summary(res)
     return 0
