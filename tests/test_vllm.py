@@ -303,3 +303,26 @@ def test_vllms_echoed_logprobs_are_the_white_box_teachers(
     top = full[keep].topk(k, dim=-1).indices
     for row_ids, row_top in zip(ids[keep], top, strict=True):
         assert set(row_top.tolist()) <= set(row_ids.tolist())
+
+
+def test_closed_mode_radioactivity_takes_vllms_server_as_the_suspect(
+    vllm_server: tuple[str, Path, Path], tmp_path: Path
+) -> None:
+    """``audit radioactivity --mode closed`` queries a suspect that is vLLM's OpenAI server.
+    The server is the watermarked model itself, so it is flagged under the key and not under
+    another key (prompt windows and repeated tuples excluded, as for any suspect)."""
+    import json
+
+    url, model_dir, key_file = vllm_server
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n\n".join(f"Question {i}: what is {i} plus {i}?" for i in range(16)))
+    closed = ["audit", "radioactivity", "--mode", "closed", "--suspect", url, "--prompts",
+              str(prompts), "--tokenizer", str(model_dir), "--api-model", str(model_dir),
+              "--api-max-tokens", "48", "--watermark", "kgw", "--gamma", "0.25",
+              "--context-width", "1"]  # fmt: skip
+    (ours,) = json.loads(_potstill(*closed, "--key-file", str(key_file)))["results"]
+    other = write_key(tmp_path / "other.key", WatermarkKey(bytes(range(1, 33))))
+    (theirs,) = json.loads(_potstill(*closed, "--key-file", str(other)))["results"]
+    assert ours["n_texts"] == 16 and ours["n_scored"] > 150, ours
+    assert ours["flagged"] and ours["p_value"] < 1e-8, ours
+    assert not theirs["flagged"] and theirs["p_value"] > 1e-3, theirs
