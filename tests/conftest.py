@@ -8,6 +8,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -61,3 +62,23 @@ def torch_one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def assert_endpoint_targets(ids: Any, lps: Any, full: Any, labels: Any, k: int) -> int:
+    """An endpoint teacher's targets against the white-box teacher; returns the scored count.
+
+    ``ids``, ``lps``: ``[B, T, S]`` (slot 0 the label, then the endpoint's top-``k``; -1 where
+    unknown or unscored); ``full``: the white-box log-softmax ``[B, T, V]``; ``labels``
+    ``[B, T]`` (-100 unscored). Every known id's logprob matches to 1e-4, and the top-``k`` ids
+    are the white-box top-``k`` as a set.
+    """
+    keep = labels != -100
+    assert bool((ids[keep][:, 0] == labels[keep]).all())
+    assert bool((ids[~keep] == -1).all())
+    known = ids[keep] >= 0
+    white = full[keep].gather(-1, ids[keep].clamp(min=0))
+    assert (lps[keep][known] - white[known]).abs().max().item() < 1e-4
+    top = full[keep].topk(k, dim=-1).indices
+    for row_ids, row_top in zip(ids[keep], top, strict=True):
+        assert set(row_top.tolist()) <= set(row_ids.tolist())
+    return int(keep.sum())

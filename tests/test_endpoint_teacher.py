@@ -24,7 +24,7 @@ from potstill.serve.app import ServeSettings, create_app
 from potstill.serve.background import serve_in_background
 from potstill.serve.engine import Engine
 
-from .conftest import REPO, tiny_overrides
+from .conftest import REPO, assert_endpoint_targets, tiny_overrides
 from .fake_openai import FakeOpenAI
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -73,16 +73,7 @@ def test_endpoint_targets_are_the_white_box_teachers_logprobs(url: str, tiny: tu
         full = F.log_softmax(
             model(input_ids=batch["input_ids"]).logits[..., : len(tok)].float(), -1
         )
-    keep = batch["labels"] != -100
-    assert keep.sum() > 20 and bool((ids[keep][:, 0] == batch["labels"][keep]).all())
-    assert bool((ids[~keep] == -1).all())
-    known = ids[keep] >= 0
-    white = full[keep].gather(-1, ids[keep].clamp(min=0))
-    assert torch.allclose(lps[keep][known], white[known], atol=1e-4)
-    # slots 1..K are the teacher's own top-K (set-wise; the sampled token is slot 0)
-    top = full[keep].topk(K, dim=-1).indices
-    for row_ids, row_top in zip(ids[keep], top, strict=True):
-        assert set(row_top.tolist()) <= set(row_ids.tolist())
+    assert assert_endpoint_targets(ids, lps, full, batch["labels"], K) > 20
 
 
 def test_endpoint_loss_matches_white_box_top_k_and_bounds_the_full_kl(

@@ -26,6 +26,8 @@ from potstill.serve.sampling import DecodeRows  # noqa: E402
 from potstill.serve.vllm_processors import PotstillWatermark, vllm_config_for  # noqa: E402
 from potstill.serve.watermarking import watermark_processors  # noqa: E402
 
+from .conftest import assert_endpoint_targets  # noqa: E402
+
 KEY = WatermarkKey(bytes(range(32)))
 V = 320
 
@@ -295,14 +297,7 @@ def test_vllms_echoed_logprobs_are_the_white_box_teachers(
         teacher.close()
     with torch.no_grad():
         full = F.log_softmax(model(input_ids=batch["input_ids"]).logits.float(), -1)
-    keep = batch["labels"] != -100
-    assert keep.sum() == 21 and bool((ids[keep][:, 0] == batch["labels"][keep]).all())
-    known = ids[keep] >= 0
-    white = full[keep].gather(-1, ids[keep].clamp(min=0))
-    assert torch.allclose(lps[keep][known], white[known], atol=1e-4)
-    top = full[keep].topk(k, dim=-1).indices
-    for row_ids, row_top in zip(ids[keep], top, strict=True):
-        assert set(row_top.tolist()) <= set(row_ids.tolist())
+    assert assert_endpoint_targets(ids, lps, full, batch["labels"], k) == 21
 
 
 def test_closed_mode_radioactivity_takes_vllms_server_as_the_suspect(
