@@ -4,7 +4,9 @@ Serves SmolLM2-135M-Instruct (``--model``) in-process under uvicorn, sends the S
 chat requests twice with the official openai client: first serially (one client, one
 request at a time), then from ``--clients`` concurrent clients. Reports generated tokens/s
 of both and ``batching_speedup`` = concurrent / serial, into
-``benchmarks/results/serve_throughput.json``.
+``benchmarks/results/serve_throughput.json``. A third pass sends the same requests from
+``--clients`` clients to the same engine with potstill's KGW watermark on (γ 0.25, δ 2,
+context width 2): ``native_watermark_overhead`` = tokens/s without over tokens/s with.
 
     python benchmarks/serve_throughput.py            # 16 requests x 64 tokens
     python benchmarks/serve_throughput.py --quick    # 8 requests x 16 tokens
@@ -86,6 +88,24 @@ def _run(client: Any, reqs: list[dict[str, Any]], clients: int) -> tuple[float, 
     return time.perf_counter() - t0, out
 
 
+def _watermarked(engine: Any, reqs: list[dict[str, Any]], clients: int) -> tuple[float, list[Any]]:
+    """The concurrent pass again, on the same engine, with KGW on (a fixed key)."""
+    import openai
+
+    from potstill.core.watermark.keys import WatermarkKey
+    from potstill.core.watermark.params import WatermarkParams
+    from potstill.serve.app import ServeSettings, create_app
+    from potstill.serve.background import serve_in_background
+    from potstill.serve.watermarking import watermark_processors
+
+    params = WatermarkParams("kgw", gamma=0.25, delta=2.0, context_width=2)
+    settings = ServeSettings(processors=watermark_processors(WatermarkKey(bytes(32)), params))
+    with serve_in_background(create_app(engine, settings)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+        _run(client, reqs[:1], 1)  # warm-up, as for the passes without it
+        return _run(client, reqs, clients)
+
+
 def main() -> None:
     started = time.time()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -122,6 +142,9 @@ def main() -> None:
         batched_s, batched = _run(client, reqs, args.clients)
         print(f"{args.clients} clients: {batched_s:.1f} s", file=sys.stderr, flush=True)
         health = httpx.get(url + "/health").json()
+    wm_s, wm = _watermarked(engine, reqs, args.clients)
+    print(f"{args.clients} clients, watermark on: {wm_s:.1f} s", file=sys.stderr, flush=True)
+    wm_tok = sum(r.usage.completion_tokens for r in wm)
     serial_tok = sum(r.usage.completion_tokens for r in serial)
     batched_tok = sum(r.usage.completion_tokens for r in batched)
     same = sum(
@@ -132,6 +155,8 @@ def main() -> None:
         "batching_speedup": (batched_tok / batched_s) / (serial_tok / serial_s),
         "serial_tokens_per_s": serial_tok / serial_s,
         "batched_tokens_per_s": batched_tok / batched_s,
+        "watermark_batched_tokens_per_s": wm_tok / wm_s,
+        "native_watermark_overhead": (batched_tok / batched_s) / (wm_tok / wm_s),
         "serial_wall_s": serial_s,
         "batched_wall_s": batched_s,
         "serial_completion_tokens": serial_tok,
