@@ -18,8 +18,8 @@ SmolLM2-135M-Instruct in fp32 on both engines: potstill's native engine, and vLL
 3. vLLM's cost of the watermark: the detection batch without the processor, seconds with over
    seconds without (``vllm_watermark_overhead``). Each engine first runs a short warm-up batch
    (``warmup_prompts`` x ``warmup_tokens``, untimed): the first batch on a fresh engine pays
-   one-time costs, which made the previous version of this benchmark report 1.34-1.44x for a
-   processor that spends ~3 s of a ~50 s batch. The engine core runs in this process
+   one-time costs. The previous version (no warm-up, the engine core in a subprocess) reported
+   1.34-1.44x for a processor that spends ~3 s of a ~50 s batch. The engine core runs in this process
    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, the same engine and kernels) so that the seconds spent
    inside the processor's ``apply`` can be read (``processor_seconds``).
 

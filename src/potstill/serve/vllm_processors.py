@@ -134,7 +134,7 @@ class PotstillWatermark(LogitsProcessor):
                 tuple(s.context for s in slots),
                 tuple(s.temperature for s in slots),
             )
-            if index == list(range(logits.shape[0])):  # the usual case: one chain for all
+            if len(index) == logits.shape[0]:  # the usual case: one chain for every row
                 for proc in slots[0].chain:
                     proc.apply_(rows, logits)
                 continue
