@@ -49,7 +49,7 @@ lint: $(DEV_STAMP)
 	$(BIN)/mypy src/potstill/distill/losses src/potstill/core/watermark src/potstill/detect
 	$(BIN)/lint-imports
 
-# The watermark inside vLLM (tests/test_vllm.py), in its own venv: vLLM's CPU build pins its own
+# The defences inside vLLM and `serve --engine vllm` (tests/test_vllm*.py), in their own venv: vLLM's CPU build pins its own
 # dependency versions, which requirements.lock does not cover (~475 MB). The torchvision,
 # torchaudio and torchcodec builds it pulls link against CUDA and break `import vllm`.
 VLLM_VENV := .venv-vllm
@@ -69,7 +69,7 @@ $(VLLM_VENV)/.potstill-vllm: pyproject.toml requirements.lock
 test-vllm: $(VLLM_VENV)/.potstill-vllm
 	VLLM_CPU_NUM_OF_RESERVED_CPU=0 VLLM_CPU_KVCACHE_SPACE=1 \
 	VLLM_CACHE_ROOT=$(abspath $(VLLM_VENV))/cache \
-	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_vllm.py
+	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_vllm.py tests/test_vllm_gateway.py
 
 # Regenerate the lock file in a fresh venv: the newest versions the pyproject ranges allow.
 # Run `make test` after it; commit requirements.lock only if the suite passes.

@@ -22,7 +22,9 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 # The vLLM tests need vLLM, which only `make test-vllm`'s venv has (marker `vllm`, deselected by
 # default): elsewhere they are not collected, rather than counted as a skip in every CI run.
-collect_ignore = [] if importlib.util.find_spec("vllm") else ["test_vllm.py"]
+collect_ignore = (
+    [] if importlib.util.find_spec("vllm") else ["test_vllm.py", "test_vllm_gateway.py"]
+)
 
 
 @pytest.fixture(autouse=True)

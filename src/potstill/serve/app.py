@@ -25,14 +25,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from potstill.core import __version__
-from potstill.serve.engine import Engine
+from potstill.serve.events import ServingEngine
 from potstill.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from potstill.serve.service import ServeSettings, Service
 
 __all__ = ["ServeSettings", "create_app"]
 
 
-def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI:
+def create_app(engine: ServingEngine, settings: ServeSettings | None = None) -> FastAPI:
     """The app serving ``engine``; its lifespan starts and stops the engine's worker."""
     svc = Service(engine, settings or ServeSettings())
 

@@ -6,14 +6,24 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from potstill.serve.sampling import LogitsProcessor
 
 if TYPE_CHECKING:
     import torch
+    from transformers import PreTrainedTokenizerBase
 
-__all__ = ["EngineStats", "Event", "RequestGroup", "SamplingParams", "TokenLogprob"]
+    from potstill.serve.sampling import TokenText
+
+__all__ = [
+    "EngineStats",
+    "Event",
+    "RequestGroup",
+    "SamplingParams",
+    "ServingEngine",
+    "TokenLogprob",
+]
 
 
 @dataclass(frozen=True)
@@ -86,6 +96,36 @@ class RequestGroup:
 
     def cancel(self) -> None:
         self.cancelled = True
+
+
+class ServingEngine(Protocol):
+    """What :class:`~potstill.serve.service.Service` needs of an engine: potstill's own
+    (:class:`potstill.serve.engine.Engine`) or vLLM's (:class:`potstill.serve.vllm_engine.VLLMEngine`).
+
+    ``submit`` is called on the server's event loop; ``sink`` gets the choice's events (it is
+    thread-safe, so the engine may call it from a worker thread). ``vocab_size``: the real
+    vocabulary; ``context_length``: prompt + completion tokens at most.
+    """
+
+    model_name: str
+    tokenizer: PreTrainedTokenizerBase
+    token_text: TokenText
+    vocab_size: int
+    context_length: int
+
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        indices: Sequence[int],
+        sink: Callable[[Event], None],
+    ) -> RequestGroup: ...
+
+    def start(self) -> None: ...
+
+    def stop(self, timeout: float = 10.0) -> None: ...
+
+    def health(self) -> dict[str, Any]: ...
 
 
 @dataclass

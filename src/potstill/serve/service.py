@@ -22,8 +22,7 @@ from fastapi.responses import JSONResponse
 from potstill.core import __version__
 from potstill.serve.audit import AUDIT_FIELDS, AuditLog, prompt_sha256
 from potstill.serve.auth import KeyRing, RateLimiter
-from potstill.serve.engine import Engine
-from potstill.serve.events import Event, SamplingParams
+from potstill.serve.events import Event, SamplingParams, ServingEngine
 from potstill.serve.jobs import Job, Prompt, chat_logprobs, collect, completion_logprobs, sse
 from potstill.serve.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from potstill.serve.sampling import LogitsProcessor
@@ -67,7 +66,7 @@ class ServeSettings:
 class Service:
     """One model's request handling: auth, admission, limits, jobs, answers, audit."""
 
-    def __init__(self, engine: Engine, settings: ServeSettings) -> None:
+    def __init__(self, engine: ServingEngine, settings: ServeSettings) -> None:
         self.engine = engine
         self.settings = settings
         self.keys = KeyRing(settings.api_keys)

@@ -19,13 +19,14 @@ What vLLM does around it, and why the watermark survives:
 
 vLLM builds the processor itself, in its engine process, from this class; the settings travel
 in ``additional_config={"potstill": {...}}`` (:func:`vllm_config_for`): the key file's path and
-the watermark's parameters, never the key. This module imports ``vllm`` and is only imported
+the watermark's parameters, never the key. :class:`potstill.defend.vllm_processors.PotstillDefences`
+extends it with antidistillation (``potstill serve --engine vllm`` loads that one). This module imports ``vllm`` and is only imported
 where vLLM is installed (``pip install 'potstill[vllm]'``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import count
 from typing import Any
@@ -34,20 +35,23 @@ import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from potstill.core.errors import PotstillError
-from potstill.core.watermark.keys import load_key
+from potstill.core.watermark.keys import resolve_key
 from potstill.core.watermark.params import WatermarkParams
 from potstill.serve.sampling import DecodeRows
+from potstill.serve.sampling import LogitsProcessor as ServedProcessor
+from potstill.serve.vllm_engine import CONFIG_KEY, settings_of, vllm_config_for
 from potstill.serve.watermarking import watermark_processors
 
-__all__ = ["PotstillWatermark", "vllm_config_for"]
+__all__ = ["CONFIG_KEY", "PotstillWatermark", "settings_of", "vllm_config_for", "watermark_builder"]
 
-CONFIG_KEY = "potstill"
+Builder = Callable[[dict[str, Any]], list[ServedProcessor]]
 
 
-def vllm_config_for(key_file: str, params: WatermarkParams) -> dict[str, Any]:
-    """``additional_config`` for vLLM (``LLM(...)`` or ``--additional-config``): where the key
-    is and how to watermark. The key stays in its file (mode 0600)."""
-    return {CONFIG_KEY: {"key_file": str(key_file), **params.to_dict()}}
+def watermark_builder(settings: dict[str, Any]) -> Builder:
+    """The watermark's chain builder from ``settings["watermark"]`` (the key is read here)."""
+    wm = dict(settings["watermark"])
+    key = resolve_key(wm.pop("key_file", None))
+    return watermark_processors(key, WatermarkParams(**wm))
 
 
 class _Context(Sequence[int]):
@@ -85,18 +89,19 @@ class PotstillWatermark(LogitsProcessor):
     """KGW or Gumbel watermarking of every request vLLM serves, from ``additional_config``."""
 
     def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool) -> None:
-        extra = getattr(vllm_config, "additional_config", None) or {}
-        settings = dict(extra.get(CONFIG_KEY) or {}) if isinstance(extra, dict) else {}
-        if "key_file" not in settings:
-            raise PotstillError(
-                "PotstillWatermark needs additional_config={'potstill': {'key_file': ..., "
-                "'scheme': ...}}: build it with potstill.serve.vllm_processors.vllm_config_for"
-            )
-        key = load_key(settings.pop("key_file"))
-        self.params = WatermarkParams(**settings)
-        self._build = watermark_processors(key, self.params)
+        self._build = self.builder(settings_of(vllm_config), device)
         self._slots: dict[int, _Slot] = {}
         self._keys = count()
+
+    def builder(self, settings: dict[str, Any], device: torch.device) -> Builder:
+        """Request record -> processor chain, from ``additional_config["potstill"]``."""
+        if "watermark" not in settings:
+            raise PotstillError(
+                "PotstillWatermark needs additional_config={'potstill': {'watermark': "
+                "{'key_file': ..., 'scheme': ...}}}: build it with "
+                "potstill.serve.vllm_processors.vllm_config_for"
+            )
+        return watermark_builder(settings)
 
     def is_argmax_invariant(self) -> bool:
         return False  # KGW moves the argmax; Gumbel replaces the draw
