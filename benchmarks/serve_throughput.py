@@ -8,8 +8,22 @@ of both and ``batching_speedup`` = concurrent / serial, into
 ``--clients`` clients to the same engine with potstill's KGW watermark on (γ 0.25, δ 2,
 context width 2): ``native_watermark_overhead`` = tokens/s without over tokens/s with.
 
+Then vLLM, each server in its own process (``--vllm-python``, default ``.venv-vllm/bin/python``
+from ``make test-vllm``), the same requests from 1 and from ``--clients`` clients:
+
+* bare vLLM: vLLM's own OpenAI server (``vllm.entrypoints.openai.api_server``);
+* ``potstill serve --engine vllm``: potstill's front end over the same engine, defences off;
+* the same with the KGW watermark on (the same key and parameters as the native pass).
+
+All three run vLLM's CPU build in fp32 (as the native engine), eager (``--enforce-eager``: no
+compilation, the same for all three), ``max_num_seqs`` = ``--clients``, engine seed 0.
+``vllm_gateway_vs_bare_vllm`` = gateway tokens/s over bare vLLM's (8 clients, no defences);
+``vllm_watermark_overhead`` = gateway tokens/s without over with the watermark;
+``native_vs_vllm_8_clients`` = the native engine's tokens/s over bare vLLM's.
+
     python benchmarks/serve_throughput.py            # 16 requests x 64 tokens
     python benchmarks/serve_throughput.py --quick    # 8 requests x 16 tokens
+    python benchmarks/serve_throughput.py --no-vllm  # the native engine only
 """
 
 from __future__ import annotations
@@ -88,8 +102,9 @@ def _run(client: Any, reqs: list[dict[str, Any]], clients: int) -> tuple[float, 
     return time.perf_counter() - t0, out
 
 
-def _watermarked(engine: Any, reqs: list[dict[str, Any]], clients: int) -> tuple[float, list[Any]]:
-    """The concurrent pass again, on the same engine, with KGW on (a fixed key)."""
+def _watermarked(engine: Any, reqs: list[dict[str, Any]], clients: int) -> dict[int, Any]:
+    """The serial and concurrent passes again, on the same engine, with KGW on (a fixed key):
+    ``{clients: (wall seconds, responses)}``."""
     import openai
 
     from potstill.core.watermark.keys import WatermarkKey
@@ -103,7 +118,72 @@ def _watermarked(engine: Any, reqs: list[dict[str, Any]], clients: int) -> tuple
     with serve_in_background(create_app(engine, settings)) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
         _run(client, reqs[:1], 1)  # warm-up, as for the passes without it
-        return _run(client, reqs, clients)
+        return {n: _run(client, reqs, n) for n in (1, clients)}
+
+
+def _vllm_servers(args: argparse.Namespace, key_file: Path) -> dict[str, list[str]]:
+    """The argv of each vLLM server (the port is appended)."""
+    from potstill.core.models import resolve_model_dir
+
+    py, model_dir = args.vllm_python, str(resolve_model_dir(args.model))
+    common = ["--dtype", "float32", "--enforce-eager"]
+    gateway = [py, "-m", "potstill.cli", "serve", "--engine", "vllm", "--model", args.model,
+               "--max-batch", str(args.clients), *common]  # fmt: skip
+    bare = [py, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+            "--served-model-name", args.model, "--max-num-seqs", str(args.clients),
+            "--seed", "0", "--disable-log-stats", *common]  # fmt: skip
+    watermark = ["--watermark", "kgw", "--watermark-key-file", str(key_file),
+                 "--gamma", "0.25", "--delta", "2", "--context-width", "2"]  # fmt: skip
+    return {"bare_vllm": bare, "gateway": gateway, "gateway_watermark": [*gateway, *watermark]}
+
+
+def _vllm_rows(args: argparse.Namespace, reqs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Tokens/s of each vLLM server at 1 and ``--clients`` clients (after a warm-up)."""
+    import tempfile
+
+    import openai
+
+    from _servers import free_port, subprocess_server
+    from potstill.core.watermark.keys import WatermarkKey, write_key
+
+    env = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "2"}
+    env["VLLM_CACHE_ROOT"] = str(Path(args.vllm_python).resolve().parents[1] / "cache")
+    rows: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        key_file = write_key(Path(tmp) / "wm.key", WatermarkKey(bytes(32)))
+        for name, argv in _vllm_servers(args, key_file).items():
+            port, t0 = free_port(), time.perf_counter()
+            with subprocess_server([*argv, "--port", str(port)], port, Path(tmp) / f"{name}.log",
+                                   env=env) as url:  # fmt: skip
+                load_s = time.perf_counter() - t0
+                client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+                _run(client, reqs[:1], 1)  # warm-up
+                row: dict[str, Any] = {"load_s": load_s}
+                for clients in (1, args.clients):
+                    wall, out = _run(client, reqs, clients)
+                    tokens = sum(r.usage.completion_tokens for r in out)
+                    row[f"{clients}_clients"] = {"tokens_per_s": tokens / wall, "wall_s": wall,
+                                                 "completion_tokens": tokens}  # fmt: skip
+                    print(f"{name}, {clients} clients: {wall:.1f} s", file=sys.stderr, flush=True)
+            rows[name] = row
+    return rows
+
+
+def _vllm_ratios(res: dict[str, Any], clients: int) -> dict[str, float]:
+    v = res["vllm"]
+
+    def tps(name: str, n: int) -> float:
+        return float(v[name][f"{n}_clients"]["tokens_per_s"])
+
+    return {
+        "vllm_gateway_vs_bare_vllm": tps("gateway", clients) / tps("bare_vllm", clients),
+        "vllm_gateway_vs_bare_vllm_1_client": tps("gateway", 1) / tps("bare_vllm", 1),
+        "vllm_watermark_overhead": tps("gateway", clients) / tps("gateway_watermark", clients),
+        "vllm_watermark_overhead_1_client": tps("gateway", 1) / tps("gateway_watermark", 1),
+        f"native_vs_vllm_{clients}_clients": res["batched_tokens_per_s"]
+        / tps("bare_vllm", clients),
+        "native_vs_vllm_1_client": res["serial_tokens_per_s"] / tps("bare_vllm", 1),
+    }
 
 
 def main() -> None:
@@ -114,8 +194,15 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=None)
     ap.add_argument("--max-tokens", type=int, default=None)
     ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument(
+        "--vllm-python", default=str(Path(__file__).resolve().parents[1] / ".venv-vllm/bin/python")
+    )
+    ap.add_argument("--no-vllm", action="store_true", help="skip the vLLM servers")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results/serve_throughput.json"))
     args = ap.parse_args()
+    if not args.no_vllm and not Path(args.vllm_python).is_file():
+        ap.error(f"--vllm-python {args.vllm_python} does not exist: run `make test-vllm` once, "
+                 "or pass --no-vllm")  # fmt: skip
     n_req = args.requests or (8 if args.quick else 16)
     max_tokens = args.max_tokens or (16 if args.quick else 64)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -142,9 +229,11 @@ def main() -> None:
         batched_s, batched = _run(client, reqs, args.clients)
         print(f"{args.clients} clients: {batched_s:.1f} s", file=sys.stderr, flush=True)
         health = httpx.get(url + "/health").json()
-    wm_s, wm = _watermarked(engine, reqs, args.clients)
-    print(f"{args.clients} clients, watermark on: {wm_s:.1f} s", file=sys.stderr, flush=True)
+    wm_runs = _watermarked(engine, reqs, args.clients)
+    (wm1_s, wm1), (wm_s, wm) = wm_runs[1], wm_runs[args.clients]
+    print(f"watermark on: {wm1_s:.1f} s serial, {wm_s:.1f} s batched", file=sys.stderr, flush=True)
     wm_tok = sum(r.usage.completion_tokens for r in wm)
+    wm1_tok = sum(r.usage.completion_tokens for r in wm1)
     serial_tok = sum(r.usage.completion_tokens for r in serial)
     batched_tok = sum(r.usage.completion_tokens for r in batched)
     same = sum(
@@ -157,6 +246,8 @@ def main() -> None:
         "batched_tokens_per_s": batched_tok / batched_s,
         "watermark_batched_tokens_per_s": wm_tok / wm_s,
         "native_watermark_overhead": (batched_tok / batched_s) / (wm_tok / wm_s),
+        "watermark_serial_tokens_per_s": wm1_tok / wm1_s,
+        "native_watermark_overhead_1_client": (serial_tok / serial_s) / (wm1_tok / wm1_s),
         "serial_wall_s": serial_s,
         "batched_wall_s": batched_s,
         "serial_completion_tokens": serial_tok,
@@ -176,6 +267,10 @@ def main() -> None:
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
+    if not args.no_vllm:
+        del engine  # free the native engine's memory for vLLM's processes
+        result["vllm"] = _vllm_rows(args, reqs)
+        result.update(_vllm_ratios(result, args.clients))
     result["provenance"] = provenance(started)
     out = Path(args.out)
     write_result(out, result)

@@ -1,14 +1,12 @@
 """What the vLLM tests share: a tiny Llama vLLM can load, a free port, a server subprocess
-that is waited for (and whose log is shown when it fails), and the potstill CLI."""
+that is waited for (``benchmarks/_servers.py``; its log is shown when it fails), and the
+potstill CLI."""
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from potstill.core.watermark.keys import WatermarkKey
+
+from .conftest import load_benchmark
 
 KEY = WatermarkKey(bytes(range(32)))
 OTHER_KEY = WatermarkKey(bytes(range(1, 33)))
@@ -41,40 +41,19 @@ def tiny_dir(tmp_path: Path) -> Path:
     return model_dir
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path, timeout: float = 300.0) -> None:
-    """Until ``url`` answers 200; fail with the server's log if it exits or never does."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"the server exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(1.0)
-    pytest.fail(f"the server was not ready after {timeout:.0f} s:\n{log.read_text()[-3000:]}")
+_servers = load_benchmark("_servers")
+free_port = _servers.free_port
 
 
 @contextmanager
 def server(args: list[str], log: Path, port: int) -> Iterator[str]:
     """Run ``python ARGS`` (a server on ``port``) until the block ends: its base URL."""
-    env = {**os.environ, **VLLM_ENV}
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, *args], stdout=out, stderr=subprocess.STDOUT,
-                                env=env)  # fmt: skip
     try:
-        wait_ready(proc, f"http://127.0.0.1:{port}/health", log)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+        with _servers.subprocess_server([sys.executable, *args], port, log, env=VLLM_ENV,
+                                        timeout=300) as url:  # fmt: skip
+            yield url
+    except _servers.ServerFailed as err:
+        pytest.fail(str(err))
 
 
 def potstill(*args: str, code: int = 0) -> subprocess.CompletedProcess[str]:
