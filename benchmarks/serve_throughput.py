@@ -19,7 +19,9 @@ All three run vLLM's CPU build in fp32 (as the native engine), eager (``--enforc
 compilation, the same for all three), ``max_num_seqs`` = ``--clients``, engine seed 0.
 ``vllm_gateway_vs_bare_vllm`` = gateway tokens/s over bare vLLM's (8 clients, no defences);
 ``vllm_watermark_overhead`` = gateway tokens/s without over with the watermark;
-``native_vs_vllm_8_clients`` = the native engine's tokens/s over bare vLLM's.
+``native_vs_vllm_8_clients`` = the native engine's tokens/s over bare vLLM's. Every concurrent
+row is the median of ``--repeats`` passes (each pass's seconds are recorded); serial rows run
+once.
 
     python benchmarks/serve_throughput.py            # 16 requests x 64 tokens
     python benchmarks/serve_throughput.py --quick    # 8 requests x 16 tokens
@@ -102,7 +104,21 @@ def _run(client: Any, reqs: list[dict[str, Any]], clients: int) -> tuple[float, 
     return time.perf_counter() - t0, out
 
 
-def _watermarked(engine: Any, reqs: list[dict[str, Any]], clients: int) -> dict[int, Any]:
+def _median_run(
+    client: Any, reqs: list[dict[str, Any]], clients: int, repeats: int
+) -> tuple[float, list[Any], list[float]]:
+    """``_run`` ``repeats`` times (one pass of 8 clients takes ~10 s, and a host's noise is
+    of that order): (median wall seconds, the last responses, every pass's seconds)."""
+    walls, out = [], []
+    for _ in range(repeats if clients > 1 else 1):  # a serial pass is long enough to be stable
+        wall, out = _run(client, reqs, clients)
+        walls.append(wall)
+    return sorted(walls)[len(walls) // 2], out, walls
+
+
+def _watermarked(
+    engine: Any, reqs: list[dict[str, Any]], clients: int, repeats: int
+) -> dict[int, Any]:
     """The serial and concurrent passes again, on the same engine, with KGW on (a fixed key):
     ``{clients: (wall seconds, responses)}``."""
     import openai
@@ -118,7 +134,7 @@ def _watermarked(engine: Any, reqs: list[dict[str, Any]], clients: int) -> dict[
     with serve_in_background(create_app(engine, settings)) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
         _run(client, reqs[:1], 1)  # warm-up, as for the passes without it
-        return {n: _run(client, reqs, n) for n in (1, clients)}
+        return {n: _median_run(client, reqs, n, repeats)[:2] for n in (1, clients)}
 
 
 def _vllm_servers(args: argparse.Namespace, key_file: Path) -> dict[str, list[str]]:
@@ -146,10 +162,11 @@ def _vllm_rows(args: argparse.Namespace, reqs: list[dict[str, Any]]) -> dict[str
     from _servers import free_port, subprocess_server
     from potstill.core.watermark.keys import WatermarkKey, write_key
 
+    # vLLM's CPU build: both cores to the worker, a 2 GiB KV cache (ignored on a GPU)
     env = {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "VLLM_CPU_KVCACHE_SPACE": "2"}
-    env["VLLM_CACHE_ROOT"] = str(Path(args.vllm_python).resolve().parents[1] / "cache")
     rows: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        env.setdefault("VLLM_CACHE_ROOT", os.environ.get("VLLM_CACHE_ROOT", f"{tmp}/vllm-cache"))
         key_file = write_key(Path(tmp) / "wm.key", WatermarkKey(bytes(32)))
         for name, argv in _vllm_servers(args, key_file).items():
             port, t0 = free_port(), time.perf_counter()
@@ -160,10 +177,10 @@ def _vllm_rows(args: argparse.Namespace, reqs: list[dict[str, Any]]) -> dict[str
                 _run(client, reqs[:1], 1)  # warm-up
                 row: dict[str, Any] = {"load_s": load_s}
                 for clients in (1, args.clients):
-                    wall, out = _run(client, reqs, clients)
+                    wall, out, walls = _median_run(client, reqs, clients, args.repeats)
                     tokens = sum(r.usage.completion_tokens for r in out)
                     row[f"{clients}_clients"] = {"tokens_per_s": tokens / wall, "wall_s": wall,
-                                                 "completion_tokens": tokens}  # fmt: skip
+                                                 "walls_s": walls, "completion_tokens": tokens}  # fmt: skip
                     print(f"{name}, {clients} clients: {wall:.1f} s", file=sys.stderr, flush=True)
             rows[name] = row
     return rows
@@ -186,14 +203,14 @@ def _vllm_ratios(res: dict[str, Any], clients: int) -> dict[str, float]:
     }
 
 
-def main() -> None:
-    started = time.time()
+def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--quick", action="store_true", help="8 requests x 16 tokens")
     ap.add_argument("--requests", type=int, default=None)
     ap.add_argument("--max-tokens", type=int, default=None)
     ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3, help="passes per concurrent row (median)")
     ap.add_argument(
         "--vllm-python", default=str(Path(__file__).resolve().parents[1] / ".venv-vllm/bin/python")
     )
@@ -203,6 +220,12 @@ def main() -> None:
     if not args.no_vllm and not Path(args.vllm_python).is_file():
         ap.error(f"--vllm-python {args.vllm_python} does not exist: run `make test-vllm` once, "
                  "or pass --no-vllm")  # fmt: skip
+    return args
+
+
+def main() -> None:
+    started = time.time()
+    args = _args()
     n_req = args.requests or (8 if args.quick else 16)
     max_tokens = args.max_tokens or (16 if args.quick else 64)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -226,10 +249,10 @@ def main() -> None:
         _run(client, reqs[:1], 1)  # warm-up (allocator, kernels)
         serial_s, serial = _run(client, reqs, 1)
         print(f"serial: {serial_s:.1f} s", file=sys.stderr, flush=True)
-        batched_s, batched = _run(client, reqs, args.clients)
+        batched_s, batched, batched_walls = _median_run(client, reqs, args.clients, args.repeats)
         print(f"{args.clients} clients: {batched_s:.1f} s", file=sys.stderr, flush=True)
         health = httpx.get(url + "/health").json()
-    wm_runs = _watermarked(engine, reqs, args.clients)
+    wm_runs = _watermarked(engine, reqs, args.clients, args.repeats)
     (wm1_s, wm1), (wm_s, wm) = wm_runs[1], wm_runs[args.clients]
     print(f"watermark on: {wm1_s:.1f} s serial, {wm_s:.1f} s batched", file=sys.stderr, flush=True)
     wm_tok = sum(r.usage.completion_tokens for r in wm)
@@ -250,6 +273,8 @@ def main() -> None:
         "native_watermark_overhead_1_client": (serial_tok / serial_s) / (wm1_tok / wm1_s),
         "serial_wall_s": serial_s,
         "batched_wall_s": batched_s,
+        "batched_walls_s": batched_walls,
+        "repeats": args.repeats,
         "serial_completion_tokens": serial_tok,
         "batched_completion_tokens": batched_tok,
         "same_text_serial_vs_batched": f"{same}/{n_req}",

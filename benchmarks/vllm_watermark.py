@@ -15,7 +15,10 @@ SmolLM2-135M-Instruct in fp32 on both engines: potstill's native engine, and vLL
    null); the share flagged at p < ``alpha``;
 2. greedy agreement: the first ``n_greedy`` prompts, ``greedy_tokens`` tokens, temperature 0,
    watermark on: identical token ids, else where they first differ;
-3. vLLM's cost of the watermark: the detection batch without the processor, seconds with over
+3. ``potstill serve --engine vllm``: the detection prompts and the greedy prompts again,
+   through potstill's front end over vLLM (:func:`gateway_pass`); texts run to the model's
+   own end (at most ``tokens``), and greedy text is compared with the native engine's;
+4. vLLM's cost of the watermark: the detection batch without the processor, seconds with over
    seconds without (``vllm_watermark_overhead``). Each engine first runs a short warm-up batch
    (``warmup_prompts`` x ``warmup_tokens``, untimed): the first batch on a fresh engine pays
    one-time costs. The previous version (no warm-up, the engine core in a subprocess) reported
@@ -157,6 +160,48 @@ def detection(texts: list[list[int]], prompts: list[list[int]], key: Any, params
             "median_p": sorted(p)[len(p) // 2], "lengths": sorted({len(t) for t in texts}), "p_values": p}  # fmt: skip
 
 
+def gateway_pass(prompts: list[list[int]], s: dict[str, Any], key_file: Path, key: Any,
+                 params: Any, greedy_native: list[list[int]]) -> dict[str, Any]:  # fmt: skip
+    """The same prompts through ``potstill serve --engine vllm`` with the watermark (its own
+    process, vLLM's engine core in another): detection, and greedy text against the native
+    engine's. The gateway has no ``min_tokens``, so texts end where the model ends them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+
+    from _servers import free_port, subprocess_server
+
+    port = free_port()
+    argv = [sys.executable, "-m", "potstill.cli", "serve", "--engine", "vllm", "--model",
+            s["model"], "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024",
+            "--max-batch", str(s["max_batch"]), "--watermark", "kgw", "--watermark-key-file",
+            str(key_file), "--gamma", str(s["gamma"]), "--delta", str(s["delta"]),
+            "--context-width", str(s["width"]), "--port", str(port)]  # fmt: skip
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}  # as a server runs it
+    with subprocess_server(argv, port, key_file.with_name("gateway.log"), env=env) as url:
+        client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=3600)
+
+        def ids(prompt: list[int], temperature: float, tokens: int) -> list[int]:
+            r = client.completions.create(model=s["model"], prompt=prompt, max_tokens=tokens,
+                                          temperature=temperature, logprobs=0,
+                                          extra_body={"return_tokens_as_token_ids": True})  # fmt: skip
+            return [int(t.removeprefix("token_id:")) for t in r.choices[0].logprobs.tokens]
+
+        with ThreadPoolExecutor(s["max_batch"]) as pool:
+            t = time.perf_counter()
+            texts = list(pool.map(lambda p: ids(p, 1.0, s["tokens"]), prompts))
+            seconds = time.perf_counter() - t
+            greedy = list(pool.map(lambda p: ids(p, 0.0, s["greedy_tokens"]),
+                                   prompts[: s["n_greedy"]]))  # fmt: skip
+    diffs = [first_difference(a, b) for a, b in zip(greedy_native, greedy, strict=True)]
+    out = detection(texts, prompts, key, params, s["alpha"])
+    lengths = sorted(len(t) for t in texts)
+    out.update(seconds=seconds, median_length=lengths[len(lengths) // 2],
+               greedy_identical_with_native=sum(d is None for d in diffs),
+               greedy_first_difference=diffs)  # fmt: skip
+    return out
+
+
 def first_difference(a: list[int], b: list[int]) -> int | None:
     for i, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:
@@ -218,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         bare = vllm.LLM(**common)
         warm_up(bare, prompts, s)
         _, without_s = vllm_generate(bare, prompts, 1.0, s["tokens"], True)
+        del bare
+        res["gateway"] = gateway_pass(prompts, s, key_file, key, params, greedy_native)
     res["vllm"] = {**detection(texts, prompts, key, params, s["alpha"]), "seconds": with_s,
                    "seconds_without_watermark": without_s,
                    "processor_seconds": in_apply["seconds"], "processor_calls": in_apply["calls"],
