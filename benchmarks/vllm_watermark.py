@@ -198,7 +198,34 @@ def gateway_pass(prompts: list[list[int]], s: dict[str, Any], key_file: Path, ke
     lengths = sorted(len(t) for t in texts)
     out.update(seconds=seconds, median_length=lengths[len(lengths) // 2],
                greedy_identical_with_native=sum(d is None for d in diffs),
-               greedy_first_difference=diffs)  # fmt: skip
+               greedy_first_difference=diffs, greedy_tokens=greedy)  # fmt: skip
+    return out
+
+
+def tie_margins(model: Any, prompts: list[list[int]], ours: list[list[int]],
+                theirs: list[list[int]], wm: tuple[Any, ...]) -> list[dict[str, Any] | None]:  # fmt: skip
+    """Where two greedy texts part, how close the choice was: the watermarked fp32 logits of
+    potstill's engine at that position (transformers, no cache), ``ours`` token's logit minus
+    ``theirs``'s. A margin far below the logits' float rounding of ~1e-5 relative is a tie
+    that kernel order decides; None where the texts agree (or one just ends)."""
+    import torch
+
+    from potstill.serve.sampling import DecodeRows
+
+    out: list[dict[str, Any] | None] = []
+    for p, a, b in zip(prompts, ours, theirs, strict=False):
+        d = first_difference(a, b)
+        if d is None or d >= min(len(a), len(b)):
+            out.append(None if d is None else {"at": d, "one_text_ends": True})
+            continue
+        ctx = p + a[:d]
+        with torch.no_grad():
+            z = model(input_ids=torch.tensor([ctx])).logits[:, -1].float()
+        for proc in wm:
+            z = proc(DecodeRows.one(ctx), z)
+        top2 = torch.topk(z[0], 2).values
+        out.append({"at": d, "margin": float(z[0, a[d]] - z[0, b[d]]),
+                    "top2_gap": float(top2[0] - top2[1]), "logit": float(top2[0])})  # fmt: skip
     return out
 
 
@@ -270,11 +297,12 @@ def main(argv: list[str] | None = None) -> int:
                    "processor_seconds": in_apply["seconds"], "processor_calls": in_apply["calls"],
                    "processor_rows_per_call": in_apply["rows"] / max(1, in_apply["calls"])}  # fmt: skip
     diffs = [first_difference(a, b) for a, b in zip(greedy_native, greedy_vllm, strict=True)]
-    res["greedy"] = {
-        "identical": sum(d is None for d in diffs),
-        "of": len(diffs),
-        "first_difference": diffs,
-    }
+    model, _ = load_model(s["model"])  # again, for the margins where greedy texts part
+    greedy_gateway = res["gateway"].pop("greedy_tokens")
+    res["gateway"]["greedy_ties"] = tie_margins(model, prompts, greedy_native, greedy_gateway, wm)
+    res["greedy"] = {"identical": sum(d is None for d in diffs), "of": len(diffs),
+                     "first_difference": diffs,
+                     "ties": tie_margins(model, prompts, greedy_native, greedy_vllm, wm)}  # fmt: skip
     res["vllm_watermark_overhead"] = with_s / without_s
     res["notes"] = ["end-of-turn is suppressed on both engines (native: a processor; vLLM: min_tokens)",
                     "native and vLLM are different engines (kernels, batching): greedy text can part "
