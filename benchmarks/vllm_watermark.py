@@ -16,8 +16,8 @@ SmolLM2-135M-Instruct in fp32 on both engines: potstill's native engine, and vLL
 2. greedy agreement: the first ``n_greedy`` prompts, ``greedy_tokens`` tokens, temperature 0,
    watermark on: identical token ids, else where they first differ;
 3. ``potstill serve --engine vllm``: the detection prompts and the greedy prompts again,
-   through potstill's front end over vLLM (:func:`gateway_pass`); texts run to the model's
-   own end (at most ``tokens``), and greedy text is compared with the native engine's;
+   through potstill's front end over vLLM (:func:`gateway_pass`): sampled texts of ``tokens``
+   tokens (``min_tokens``), and greedy text compared with the native engine's;
 4. vLLM's cost of the watermark: the detection batch without the processor, seconds with over
    seconds without (``vllm_watermark_overhead``). Each engine first runs a short warm-up batch
    (``warmup_prompts`` x ``warmup_tokens``, untimed): the first batch on a fresh engine pays
@@ -163,8 +163,9 @@ def detection(texts: list[list[int]], prompts: list[list[int]], key: Any, params
 def gateway_pass(prompts: list[list[int]], s: dict[str, Any], key_file: Path, key: Any,
                  params: Any, greedy_native: list[list[int]]) -> dict[str, Any]:  # fmt: skip
     """The same prompts through ``potstill serve --engine vllm`` with the watermark (its own
-    process, vLLM's engine core in another): detection, and greedy text against the native
-    engine's. The gateway has no ``min_tokens``, so texts end where the model ends them."""
+    process, vLLM's engine core in another): detection on texts of ``tokens`` tokens
+    (``min_tokens``, vLLM's parameter, which potstill's server takes too), and greedy text
+    (ended where the model ends it) against the native engine's."""
     from concurrent.futures import ThreadPoolExecutor
 
     import openai
@@ -181,15 +182,15 @@ def gateway_pass(prompts: list[list[int]], s: dict[str, Any], key_file: Path, ke
     with subprocess_server(argv, port, key_file.with_name("gateway.log"), env=env) as url:
         client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=3600)
 
-        def ids(prompt: list[int], temperature: float, tokens: int) -> list[int]:
+        def ids(prompt: list[int], temperature: float, tokens: int, least: int = 0) -> list[int]:
+            extra = {"return_tokens_as_token_ids": True, "min_tokens": least}
             r = client.completions.create(model=s["model"], prompt=prompt, max_tokens=tokens,
-                                          temperature=temperature, logprobs=0,
-                                          extra_body={"return_tokens_as_token_ids": True})  # fmt: skip
+                                          temperature=temperature, logprobs=0, extra_body=extra)  # fmt: skip
             return [int(t.removeprefix("token_id:")) for t in r.choices[0].logprobs.tokens]
 
         with ThreadPoolExecutor(s["max_batch"]) as pool:
             t = time.perf_counter()
-            texts = list(pool.map(lambda p: ids(p, 1.0, s["tokens"]), prompts))
+            texts = list(pool.map(lambda p: ids(p, 1.0, s["tokens"], s["tokens"]), prompts))
             seconds = time.perf_counter() - t
             greedy = list(pool.map(lambda p: ids(p, 0.0, s["greedy_tokens"]),
                                    prompts[: s["n_greedy"]]))  # fmt: skip

@@ -328,6 +328,8 @@ def test_rate_limit_429(tiny: tuple[Any, Any]) -> None:
         ({"model": MODEL, "prompt": "x" * 3000}, 400, "prompt"),
         ({"model": MODEL, "prompt": [1, 2, 999]}, 400, "prompt"),
         ({"model": MODEL}, 400, "prompt"),
+        ({"model": MODEL, "prompt": "a", "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens"),
+        ({"model": MODEL, "prompt": "a", "min_tokens": -1}, 400, "min_tokens"),
     ],
 )
 def test_bad_completion_requests(server: dict, body: dict, status: int, param: str) -> None:

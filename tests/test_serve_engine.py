@@ -295,3 +295,38 @@ def test_bad_prompt_ids_are_refused_at_submit_not_lost() -> None:
         assert ok[-1].finish_reason == "length"
     finally:
         engine.stop()
+
+
+def test_min_tokens_holds_back_the_end_of_sequence_before_the_defences() -> None:
+    """A processor that pushes every row to end at once: without min_tokens each row stops
+    after one token; with it the end tokens are ruled out (-inf, which no later bias lifts)
+    until min_tokens tokens, then the row stops. Raw logprobs stay the model's own."""
+    model, tok = load_model("tiny:0")
+    engine = Engine(model, tok, model_name="tiny:0", max_batch=4)
+    ends = sorted(engine.stop_ids)
+
+    def end_now(rows: Any, logits: Any) -> Any:
+        out = logits.clone()
+        out[:, ends] += 100.0
+        return out
+
+    prompt = tok("hello").input_ids
+    engine.start()
+    try:
+        plain, held, raw = _run(engine, [prompt] * 3, [
+            SamplingParams(max_tokens=8, temperature=0.0, processors=(end_now,)),
+            SamplingParams(max_tokens=8, temperature=0.0, processors=(end_now,), min_tokens=3,
+                           logprobs=0),
+            SamplingParams(max_tokens=8, temperature=0.0, processors=(end_now,), min_tokens=3,
+                           logprobs=0, served_logprobs=False),
+        ])  # fmt: skip
+    finally:
+        engine.stop()
+    assert (plain[-1].finish_reason, plain[-1].completion_tokens) == ("stop", 1)
+    assert (held[-1].finish_reason, held[-1].completion_tokens) == ("stop", 4)
+    assert all(x.logprob > -50 for e in held for x in e.logprobs)  # no -inf draws
+    with torch.no_grad():
+        z = model(input_ids=torch.tensor([prompt])).logits[0, -1, : engine.vocab_size]
+    first = next(x for e in raw for x in e.logprobs)
+    want = float(torch.log_softmax(z.float(), -1)[first.token_id])
+    assert abs(first.logprob - want) < 1e-5  # raw: before min_tokens and the processor

@@ -436,6 +436,12 @@ class Engine:
         import torch
 
         live = list(range(len(rows)))
+        raw = logits
+        early = [i for i, row in enumerate(rows) if row.n_sampled < row.group.params.min_tokens]
+        if early and self.stop_ids:  # min_tokens: no end of sequence yet (before the defences)
+            logits = logits.clone()
+            stops = torch.tensor(sorted(self.stop_ids), device=logits.device)
+            logits[torch.tensor(early, device=logits.device)[:, None], stops] = float("-inf")
         processed = logits
         if any(row.group.params.processors for row in rows):
             processed = logits.clone()
@@ -460,7 +466,7 @@ class Engine:
         if want:
             # served: the processed logits the token was drawn from (the defended model)
             src = torch.stack(
-                [(processed if params[j].served_logprobs else logits)[live[j]] for j in want]
+                [(processed if params[j].served_logprobs else raw)[live[j]] for j in want]
             )
             lsm = torch.log_softmax(src, dim=-1).clamp_min(LOGPROB_FLOOR)
             for r, j in enumerate(want):

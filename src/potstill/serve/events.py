@@ -33,7 +33,10 @@ class SamplingParams:
     ``logprobs``: None = no logprobs; k >= 0 = report the chosen token's logprob and the
     top ``k``. ``echo_logprobs``: also report logprobs of the prompt tokens (of the model:
     processors do not run on prompt positions). ``served_logprobs``: report logprobs after the
-    processors (the defended distribution) rather than the raw model's.
+    processors (the defended distribution) rather than the raw model's. ``min_tokens``
+    (vLLM's parameter): end-of-sequence tokens get no probability before that many tokens, as
+    part of the processed distribution (raw logprobs are the model's); stop strings still
+    apply.
     """
 
     max_tokens: int
@@ -45,6 +48,7 @@ class SamplingParams:
     echo_logprobs: bool = False
     processors: tuple[LogitsProcessor, ...] = ()
     served_logprobs: bool = True
+    min_tokens: int = 0  # end-of-sequence tokens are ruled out until this many were sampled
 
 
 @dataclass(frozen=True)

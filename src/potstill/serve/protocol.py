@@ -88,6 +88,8 @@ class _Sampling(_Request):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = None
+    # vLLM's extension: no end of sequence before this many tokens (at most max_tokens)
+    min_tokens: int | None = Field(default=None, ge=0)
     # Accepted (clients send ``{}``) and typed, so API policy sees the parsed value; the
     # server never applies it (logit_bias probing recovers hidden logits).
     logit_bias: dict[str, float] | None = None

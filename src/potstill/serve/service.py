@@ -214,6 +214,12 @@ class Service:
         """Check context lengths and rate limits, then submit every prompt."""
         chat = isinstance(body, ChatCompletionRequest)
         self.check_context(prompts, max_tokens, "messages" if chat else "prompt")
+        if (body.min_tokens or 0) > max_tokens:
+            raise APIError(
+                400,
+                f"min_tokens {body.min_tokens} is more than max_tokens {max_tokens}: lower it",
+                param="min_tokens",
+            )
         n = body.n or 1
         rec = request.state.audit
         prompt_tokens = sum(len(p.ids) for p in prompts)
@@ -225,6 +231,7 @@ class Service:
         self.limiter.acquire(kid, charge)
         rec["_charge"] = charge
         params = SamplingParams(
+            min_tokens=body.min_tokens or 0,
             max_tokens=max_tokens,
             temperature=1.0 if body.temperature is None else body.temperature,
             top_p=1.0 if body.top_p is None else body.top_p,

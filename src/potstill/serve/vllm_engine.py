@@ -287,6 +287,7 @@ class VLLMEngine:
         return VParams(
             n=n,
             max_tokens=p.max_tokens,
+            min_tokens=p.min_tokens,
             temperature=p.temperature,
             top_p=p.top_p,
             seed=p.seed,
