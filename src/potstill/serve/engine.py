@@ -55,6 +55,7 @@ from potstill.serve.events import (
     SamplingParams,
     TokenLogprob,
     _Row,
+    check_prompt_ids,
 )
 from potstill.serve.sampling import (
     DecodeRows,
@@ -175,14 +176,7 @@ class Engine:
     ) -> RequestGroup:
         """Queue one prompt with ``len(indices)`` choices; events go to ``sink`` (called
         from the worker thread: it must be thread-safe, e.g. ``loop.call_soon_threadsafe``)."""
-        ids = list(prompt_ids)
-        if not ids or not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in ids):
-            # checked here, in the caller's thread: inside the worker a bad prompt would fail
-            # a whole prefill, and the caller would learn why only from an error event
-            raise ValueError(
-                f"prompt_ids must be a non-empty list of token ids in [0, {self.vocab_size}), "
-                f"got {str(ids[:8])[:120]}"
-            )
+        ids = check_prompt_ids(prompt_ids, self.vocab_size)
         group = RequestGroup(ids, params, indices, sink)
         with self._cv:
             if self._stopping or self._thread is None:

@@ -23,6 +23,7 @@ __all__ = [
     "SamplingParams",
     "ServingEngine",
     "TokenLogprob",
+    "check_prompt_ids",
 ]
 
 
@@ -100,6 +101,19 @@ class RequestGroup:
 
     def cancel(self) -> None:
         self.cancelled = True
+
+
+def check_prompt_ids(prompt_ids: Sequence[int], vocab_size: int) -> list[int]:
+    """``prompt_ids`` as a list, or ValueError unless it is non-empty ids in ``[0, vocab)``.
+    Engines call it in ``submit``, in the caller's thread: inside an engine a bad prompt would
+    fail a whole batch, and the caller would learn why only from an error event."""
+    ids = list(prompt_ids)
+    if not ids or not all(isinstance(t, int) and 0 <= t < vocab_size for t in ids):
+        raise ValueError(
+            f"prompt_ids must be a non-empty list of token ids in [0, {vocab_size}), "
+            f"got {str(ids[:8])[:120]}"
+        )
+    return ids
 
 
 class ServingEngine(Protocol):

@@ -42,7 +42,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from potstill.serve.events import EngineStats, Event, RequestGroup, SamplingParams, TokenLogprob
+from potstill.serve.events import (
+    EngineStats,
+    Event,
+    RequestGroup,
+    SamplingParams,
+    TokenLogprob,
+    check_prompt_ids,
+)
 from potstill.serve.sampling import TokenText
 
 if TYPE_CHECKING:
@@ -255,12 +262,7 @@ class VLLMEngine:
         sink: Callable[[Event], None],
     ) -> RequestGroup:
         """Start one prompt with ``len(indices)`` choices as one vLLM request (``n``)."""
-        ids = list(prompt_ids)
-        if not ids or not all(isinstance(t, int) and 0 <= t < self.vocab_size for t in ids):
-            raise ValueError(
-                f"prompt_ids must be a non-empty list of token ids in [0, {self.vocab_size}), "
-                f"got {str(ids[:8])[:120]}"
-            )
+        ids = check_prompt_ids(prompt_ids, self.vocab_size)
         foreign = [p for p in params.processors if p not in self._markers.values()]
         if foreign:
             raise ValueError(
