@@ -119,6 +119,47 @@ def test_vllm_engine_output_is_detected_by_potstill(tmp_path: Path) -> None:
     assert detect_segments(texts, other, params).p_value > 1e-3
 
 
+def _greedy_watermarked(model_dir: Path, key_file: Path, prompts: list[list[int]],
+                        **engine: Any) -> tuple[list[list[int]], dict[str, Any]]:  # fmt: skip
+    """Greedy KGW-watermarked tokens from ``vllm.LLM`` built with ``engine`` options, and its
+    prefix-cache and preemption counters."""
+    import gc
+
+    params = WatermarkParams("kgw", gamma=0.25, delta=4.0, context_width=2)
+    llm = vllm.LLM(model=str(model_dir), dtype="float32", enforce_eager=True, max_model_len=256,
+                   seed=0, disable_log_stats=False, logits_processors=[PotstillWatermark],
+                   additional_config=vllm_config_for(str(key_file), params), **engine)  # fmt: skip
+    sp = vllm.SamplingParams(temperature=0.0, max_tokens=60, min_tokens=60)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+    counters = {m.name: getattr(m, "value", None) for m in llm.get_metrics()}
+    del llm
+    gc.collect()
+    return [list(o.outputs[0].token_ids) for o in outs], counters
+
+
+def test_watermark_survives_chunked_prefill_prefix_caching_and_preemption(tmp_path: Path) -> None:
+    """The processor reads each slot's live prompt + output ids, so how vLLM fills its KV cache
+    must not change the watermarked text: chunked prefill (32 tokens a step against 42-token
+    prompts), prefix caching (a shared 40-token prefix) and preemption with recompute (12
+    blocks of 32 tokens for 8 sequences of 102) give the same greedy tokens as a plain engine,
+    and they are watermarked (detected under the key, not under another)."""
+    from potstill.core.watermark.detect import detect_segments
+
+    model_dir = tiny_dir(tmp_path)
+    key_file = write_key(tmp_path / "wm.key", KEY)
+    prompts = [[*range(3, 43), 50 + i, 60 + i] for i in range(8)]
+    plain, _ = _greedy_watermarked(model_dir, key_file, prompts, enable_prefix_caching=False)
+    stressed, counters = _greedy_watermarked(
+        model_dir, key_file, prompts, enable_prefix_caching=True, enable_chunked_prefill=True,
+        max_num_batched_tokens=32, block_size=32, num_gpu_blocks_override=12, max_num_seqs=8,
+    )  # fmt: skip
+    assert counters["vllm:num_preemptions"] > 0 and counters["vllm:prefix_cache_hits"] > 0
+    assert stressed == plain
+    params = WatermarkParams("kgw", gamma=0.25, delta=4.0, context_width=2)
+    assert detect_segments(plain, KEY, params).p_value < 1e-6
+    assert detect_segments(plain, WatermarkKey(bytes(range(1, 33))), params).p_value > 1e-3
+
+
 def _potstill(*args: str) -> str:
     return potstill(*args).stdout
 
