@@ -9,8 +9,10 @@ logprob entries and outputs into potstill's events as potstill's engine would se
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import math
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -162,3 +164,71 @@ def test_outputs_become_events_as_potstills_engine_sends_them(model_dir: Path) -
                            stop_reason=None, logprobs=[{eos: _lp(-0.1, 1)}])  # fmt: skip
     ev = eng._event(group, last, state, None)
     assert (ev.finish_reason, ev.completion_tokens, ev.logprobs) == ("stop", 3, [])
+
+
+def _out(index: int, text: str, ids: list[int], lps: list[dict[int, Any]] | None = None,
+         finish: str | None = None, stop: Any = None) -> Any:  # fmt: skip
+    return SimpleNamespace(index=index, text=text, token_ids=ids, logprobs=lps,
+                           finish_reason=finish, stop_reason=stop)  # fmt: skip
+
+
+def test_a_stop_string_cut_drops_the_logprobs_past_it_and_errors_are_errors(
+    model_dir: Path,
+) -> None:
+    """vLLM holds text back while it may be a stop string: a token's logprob waits for the
+    text it starts in, and at the cut the tokens past it are dropped. "abort" is an error."""
+    from potstill.serve.vllm_engine import _Choice, _Group
+
+    eng = _engine(model_dir, None)
+    a, b, c = eng.tokenizer.convert_tokens_to_ids(["a", "b", "c"])
+    group = _Group([1, 2], SamplingParams(8, logprobs=0, stop=("bc",)), [0], print)
+    state = _Choice()
+    held = eng._event(group, _out(0, "a", [a, b], [{a: _lp(-1.0, 1)}, {b: _lp(-1.0, 1)}]),
+                      state, None)  # fmt: skip
+    assert held.text == "a" and [x.token_id for x in held.logprobs] == [a]  # "b" may be a stop
+    cut = eng._event(group, _out(0, "", [c], [{c: _lp(-1.0, 1)}], "stop", "bc"), state, None)
+    assert (cut.finish_reason, cut.logprobs, cut.completion_tokens) == ("stop", [], 3)
+    aborted = eng._event(group, _out(0, "", [], None, "abort"), _Choice(), None)
+    assert aborted.error and "abort" in aborted.error
+
+
+def test_every_choice_gets_the_prompt_logprobs_and_an_open_choice_an_error(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With n = 2 vLLM's first output may hold one child only: each choice's first event
+    carries the echoed prompt logprobs. A stream that ends with a choice open answers it."""
+    eng = _engine(model_dir, None)
+    a = eng.tokenizer.convert_tokens_to_ids("a")
+    prompt = [
+        SimpleNamespace(prompt_logprobs=[None, {2: _lp(-0.5, 1)}], outputs=[_out(0, "a", [a])])
+    ]
+    later = [
+        SimpleNamespace(prompt_logprobs=None, outputs=[_out(1, "a", [a], finish="length")]),
+        SimpleNamespace(prompt_logprobs=None, outputs=[_out(0, "a", [a], finish="length")]),
+    ]
+
+    class FakeLLM:
+        def __init__(self, outputs: list[Any]) -> None:
+            self.outputs = outputs
+
+        async def generate(self, *args: Any) -> Any:
+            for out in self.outputs:
+                yield out
+
+    monkeypatch.setitem(sys.modules, "vllm", SimpleNamespace())
+    monkeypatch.setitem(sys.modules, "vllm.inputs", SimpleNamespace(TokensPrompt=dict))
+    monkeypatch.setattr(eng, "_vllm_params", lambda p, n: None)
+    params = SamplingParams(4, logprobs=0, echo_logprobs=True)
+
+    async def run(outputs: list[Any]) -> list[Any]:
+        events: list[Any] = []
+        eng._engine = FakeLLM(outputs)
+        await eng.submit([1, 2], params, [3, 4], events.append).task  # type: ignore[union-attr]
+        return events
+
+    events = asyncio.run(run(prompt + later))
+    firsts = {ev.index: ev for ev in reversed(events)}
+    assert [len(firsts[i].prompt_logprobs or []) for i in (3, 4)] == [2, 2]
+    assert [ev.finish_reason for ev in events[1:]] == ["length", "length"]
+    cut_short = asyncio.run(run(prompt))
+    assert [ev.index for ev in cut_short if ev.error] == [3, 4]

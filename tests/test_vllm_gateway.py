@@ -131,7 +131,7 @@ def test_gateway_keeps_auth_caps_limits_and_the_audit_log(gateway: dict[str, Any
         c.completions.create(model="another-model", prompt="hi", max_tokens=2)
     stream = c.chat.completions.create(
         model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=8, stream=True,
-        stream_options={"include_usage": True},
+        stream_options={"include_usage": True}, extra_body={"min_tokens": 8},
     )  # fmt: skip
     chunks = list(stream)
     assert chunks[-1].usage.completion_tokens == 8

@@ -167,8 +167,12 @@ class _Group(RequestGroup):
 class _Choice:
     """What one choice has sent so far."""
 
-    text_len: int = 0
-    tokens: int = 0
+    text_len: int = 0  # characters of text sent
+    tokens: int = 0  # tokens sampled, end-of-sequence included
+    ids: list[int] = field(default_factory=list)  # token ids whose logprobs were built
+    pending: list[TokenLogprob] = field(default_factory=list)  # built, not sent yet
+    started: bool = False  # its first event is out (the one with the prompt logprobs)
+    done: bool = False  # finished or failed
 
 
 class VLLMEngine:
@@ -191,6 +195,7 @@ class VLLMEngine:
         self._running: set[_Group] = set()
         self._ids = itertools.count()
         self._markers = self._make_markers(settings.defences)
+        self.stop_ids = _stop_ids(settings.model_dir, tokenizer)
         self._allowed: list[int] | None = None
         if width > self.vocab_size:
             # logits past the tokenizer can never be decoded; potstill's engine never samples
@@ -232,6 +237,8 @@ class VLLMEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self._engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.settings.engine_args()))
+        # what vLLM derived (and will enforce), so that Service answers a too long request 400
+        self.context_length = int(self._engine.model_config.max_model_len)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Cancel running requests and shut vLLM's engine down."""
@@ -280,6 +287,7 @@ class VLLMEngine:
         self._running.add(group)
         self.stats.requests += 1
         group.task = asyncio.get_running_loop().create_task(self._run(group))
+        group.task.add_done_callback(lambda _: self._running.discard(group))
         return group
 
     def _vllm_params(self, p: SamplingParams, n: int) -> Any:
@@ -297,67 +305,89 @@ class VLLMEngine:
             logprobs=p.logprobs,
             prompt_logprobs=p.logprobs if p.echo_logprobs else None,
             allowed_token_ids=self._allowed,
+            stop_token_ids=sorted(self.stop_ids),  # <|im_end|> too, as potstill's engine
+            skip_special_tokens=False,  # the text potstill's engine sends
             output_kind=RequestOutputKind.DELTA,
         )
 
     async def _run(self, group: _Group) -> None:
-        """Stream vLLM's outputs for ``group`` into events; errors answer every open choice."""
+        """Stream vLLM's outputs for ``group`` into events; errors, and choices the stream left
+        open, answer with an error event."""
         from vllm.inputs import TokensPrompt
 
         p, n = group.params, len(group.indices)
         choices = [_Choice() for _ in range(n)]
-        finished: set[int] = set()
         rid = f"potstill-{next(self._ids)}"
+        prompt_lps: list[TokenLogprob] | None = None
+        failure = "vLLM ended the request before every choice finished"
         try:
             stream = self._engine.generate(
                 TokensPrompt(prompt_token_ids=group.prompt_ids), self._vllm_params(p, n), rid
             )
-            first = True
             async for out in stream:
-                prompt_lps = self._prompt_logprobs(group, out) if first else None
-                first = False
+                # each of the n samples is a child request: its first output may come later
+                prompt_lps = prompt_lps or self._prompt_logprobs(group, out)
                 for c in out.outputs:
                     ev = self._event(group, c, choices[c.index], prompt_lps)
-                    if ev.finish_reason is not None:
-                        finished.add(c.index)
+                    if ev.error is not None or ev.finish_reason is not None:
+                        choices[c.index].done = True
                     group.sink(ev)
         except asyncio.CancelledError:
-            pass  # the client went away or the server stops; vLLM has aborted the request
+            return  # the client went away or the server stops; vLLM has aborted the request
         except Exception as exc:  # any engine failure answers the request
-            self.stats.failures += 1
-            for i in range(n):
-                if i not in finished:
-                    group.sink(Event(index=group.indices[i], error=f"generation failed: {exc!r}"))
-        finally:
-            self._running.discard(group)
+            failure = f"generation failed: {exc!r}"
+        for i, state in enumerate(choices):
+            if not state.done:
+                self.stats.failures += 1
+                group.sink(Event(index=group.indices[i], error=failure))
 
     def _event(
         self, group: _Group, c: Any, state: _Choice, prompt_lps: list[TokenLogprob] | None
     ) -> Event:
-        """One vLLM ``CompletionOutput`` delta as an :class:`Event` for choice ``c.index``."""
+        """One vLLM ``CompletionOutput`` delta as an :class:`Event` for choice ``c.index``.
+
+        As potstill's engine: a token's offset is the length of the decoded text before it,
+        the end-of-sequence token's logprob is not reported, and after a stop-string cut only
+        tokens that start before the cut keep theirs. vLLM's "abort" and "error" are errors."""
+        index = group.indices[c.index]
+        if c.finish_reason not in (None, "stop", "length"):
+            return Event(index=index, error=f"vLLM ended the choice: {c.finish_reason}")
         token_ids = list(c.token_ids)
         state.tokens += len(token_ids)
         self.stats.generated_tokens += len(token_ids)
-        lps: list[TokenLogprob] = []
+        eos = (
+            c.finish_reason == "stop"
+            and not isinstance(c.stop_reason, str)
+            and bool(token_ids)
+            and token_ids[-1] in self.stop_ids
+        )
+        if eos:
+            token_ids.pop()
         if group.params.logprobs is not None and c.logprobs:
-            offset = state.text_len
             for tid, entry in zip(token_ids, c.logprobs, strict=False):
-                lps.append(_token_logprob(tid, entry, group.params.logprobs, offset))
-                offset += len(self.token_text.get(tid)[1]) if tid < self.vocab_size else 0
-        reason = c.finish_reason if c.finish_reason in ("stop", "length") else None
-        if reason is None and c.finish_reason is not None:
-            reason = "stop"  # vLLM's "abort" and the like: the choice ended without a length cut
-        if reason == "stop" and not isinstance(c.stop_reason, str) and lps:
-            lps = lps[:-1]  # the end-of-sequence token: not reported, as by potstill's engine
+                offset = len(self._tok.decode(state.ids, skip_special_tokens=False))
+                state.pending.append(self._token_logprob(tid, entry, group.params.logprobs, offset))
+                state.ids.append(tid)
         state.text_len += len(c.text)
+        # a token's logprob leaves with the text it starts in: vLLM holds text back while it
+        # could still be a stop string, and after a cut the tokens past it are dropped
+        cut = c.finish_reason is None or isinstance(c.stop_reason, str)
+        lps = [x for x in state.pending if x.offset < state.text_len] if cut else state.pending
+        state.pending = state.pending[len(lps) :] if c.finish_reason is None else []
+        first, state.started = not state.started, True
         return Event(
-            index=group.indices[c.index],
+            index=index,
             text=c.text,
             logprobs=lps,
-            prompt_logprobs=prompt_lps,
-            finish_reason=reason,
-            completion_tokens=state.tokens if reason is not None else 0,
+            prompt_logprobs=prompt_lps if first else None,
+            finish_reason=c.finish_reason,
+            completion_tokens=state.tokens if c.finish_reason is not None else 0,
         )
+
+    def _token_logprob(self, token_id: int, entry: dict[int, Any], k: int, offset: int) -> Any:
+        # raw logprobs span the padded logits too: ids past the tokenizer are not reported
+        real = {t: lp for t, lp in entry.items() if t < self.vocab_size}
+        return _token_logprob(token_id, real, k, offset)
 
     def _prompt_logprobs(self, group: _Group, out: Any) -> list[TokenLogprob] | None:
         """Echoed prompt logprobs (the model's: vLLM runs processors on sampled positions)."""
@@ -369,8 +399,21 @@ class VLLMEngine:
         offset = 0
         for j in range(1, len(ids)):
             offset += len(self._tok.decode([ids[j - 1]], skip_special_tokens=False))
-            result.append(_token_logprob(ids[j], entries[j], k, offset))
+            result.append(self._token_logprob(ids[j], entries[j], k, offset))
         return result
+
+
+def _stop_ids(model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    """:func:`~potstill.serve.sampling.stop_token_ids` from the model directory's files."""
+    import json
+    from types import SimpleNamespace
+
+    from potstill.serve.sampling import stop_token_ids
+
+    path = model_dir / "generation_config.json"
+    eos = json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=eos))
+    return stop_token_ids(model, tokenizer)  # type: ignore[arg-type]
 
 
 def _sizes(model_dir: Path, tokenizer: PreTrainedTokenizerBase) -> tuple[int, int, int]:
