@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,24 @@ import torch
 
 from potstill.core.io import atomic_write_text
 from potstill.core.kvcache import cache_kw, cache_of
+
+
+def median_time(fn: Any, reps: int) -> float:
+    """Median wall seconds of ``fn()`` over ``reps`` calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def copy_bandwidth(n_bytes: int = 256 << 20) -> float:
+    """Bytes/s moved by a large tensor copy (each byte read once and written once)."""
+    a = torch.empty(n_bytes // 4, dtype=torch.float32).uniform_()
+    b = torch.empty_like(a)
+    return 2 * n_bytes / median_time(lambda: b.copy_(a), 5)
 
 
 def sync(device: str) -> None:

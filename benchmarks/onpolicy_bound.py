@@ -42,31 +42,13 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import make_log, write_result
+from _common import copy_bandwidth, make_log, median_time, write_result
 from _onpolicy_trl import short_prompts, throughput
 from _provenance import provenance
 from onpolicy import settings_for
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 log = make_log("onpolicy_bound")
-
-
-def median_time(fn: Any, reps: int) -> float:
-    """Median wall seconds of ``fn()`` over ``reps`` calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def copy_bandwidth(n_bytes: int = 256 << 20) -> float:
-    """Bytes/s moved by a large tensor copy (each byte read once and written once)."""
-    a = torch.empty(n_bytes // 4, dtype=torch.float32).uniform_()
-    b = torch.empty_like(a)
-    return 2 * n_bytes / median_time(lambda: b.copy_(a), 5)
 
 
 def gemm_flops(n: int = 2048) -> float:

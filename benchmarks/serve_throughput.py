@@ -23,6 +23,11 @@ compilation, the same for all three), ``max_num_seqs`` = ``--clients``, engine s
 row is the median of ``--repeats`` passes (each pass's seconds are recorded); serial rows run
 once.
 
+Plain transformers ``generate`` runs the same requests as static batches of ``--clients``
+(``speedup_vs_hf_static_batch`` = the native engine's 8-client tokens/s over it), and
+single-stream decode is set against the memory-bandwidth bound (weight bytes read once per
+token at the measured copy bandwidth: ``single_stream_fraction_of_bandwidth_bound``).
+
     python benchmarks/serve_throughput.py            # 16 requests x 64 tokens
     python benchmarks/serve_throughput.py --quick    # 8 requests x 16 tokens
     python benchmarks/serve_throughput.py --no-vllm  # the native engine only
@@ -135,6 +140,67 @@ def _watermarked(
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
         _run(client, reqs[:1], 1)  # warm-up, as for the passes without it
         return {n: _median_run(client, reqs, n, repeats)[:2] for n in (1, clients)}
+
+
+def _hf_static_batch(
+    model: Any, tok: Any, reqs: list[dict[str, Any]], batch: int
+) -> dict[str, Any]:
+    """Plain transformers ``generate`` on the same chat requests, ``batch`` at a time, left-
+    padded, sampled at the same temperature: tokens counted up to and including each row's
+    end of sequence, as ``usage.completion_tokens`` counts them."""
+    import torch
+
+    tok.padding_side = "left"
+    stops = {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
+    texts = [tok.apply_chat_template(r["messages"], add_generation_prompt=True, tokenize=False)
+             for r in reqs]  # fmt: skip
+
+    def run(chunk: list[str], new: int) -> int:
+        enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=new, do_sample=True,
+                                 temperature=reqs[0]["temperature"], top_p=1.0, top_k=0,
+                                 eos_token_id=sorted(stops), pad_token_id=tok.eos_token_id)  # fmt: skip
+        n = 0
+        for row in out[:, enc["input_ids"].shape[1] :].tolist():
+            ends = [i for i, t in enumerate(row) if t in stops]
+            n += ends[0] + 1 if ends else len(row)
+        return n
+
+    run(texts[:batch], 4)  # warm-up
+    t, tokens = time.perf_counter(), 0
+    for i in range(0, len(texts), batch):
+        tokens += run(texts[i : i + batch], reqs[0]["max_tokens"])
+    wall = time.perf_counter() - t
+    return {"tokens_per_s": tokens / wall, "wall_s": wall, "completion_tokens": tokens,
+            "batch": batch}  # fmt: skip
+
+
+def _bandwidth_bound(model: Any) -> dict[str, float]:
+    """Single-stream decode's ceiling: every weight byte read once per token at the measured
+    copy bandwidth (the KV cache and activations are left out, so the real ceiling is lower)."""
+    from _common import copy_bandwidth
+
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    bandwidth = copy_bandwidth()
+    return {"copy_bandwidth_bytes_per_s": bandwidth, "weight_bytes": weights,
+            "tokens_per_s": bandwidth / weights}  # fmt: skip
+
+
+def _in_process_peers(
+    engine: Any, reqs: list[dict[str, Any]], clients: int, result: dict[str, Any]
+) -> dict[str, Any]:
+    """The transformers row and the bandwidth bound, on the native engine's own weights."""
+    hf = _hf_static_batch(engine.model, engine.tokenizer, reqs, clients)
+    print(f"transformers generate, batch {clients}: {hf['wall_s']:.1f} s", file=sys.stderr)
+    bound = _bandwidth_bound(engine.model)
+    return {
+        "hf_static_batch": hf,
+        "speedup_vs_hf_static_batch": result["batched_tokens_per_s"] / hf["tokens_per_s"],
+        "bandwidth_bound": bound,
+        "single_stream_fraction_of_bandwidth_bound": result["serial_tokens_per_s"]
+        / bound["tokens_per_s"],
+    }
 
 
 def _vllm_servers(args: argparse.Namespace, key_file: Path) -> dict[str, list[str]]:
@@ -292,6 +358,7 @@ def main() -> None:
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
+    result.update(_in_process_peers(engine, reqs, args.clients, result))
     if not args.no_vllm:
         del engine  # free the native engine's memory for vLLM's processes
         result["vllm"] = _vllm_rows(args, reqs)
