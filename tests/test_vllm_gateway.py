@@ -11,6 +11,7 @@ before vLLM starts.
 from __future__ import annotations
 
 import json
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -153,7 +154,8 @@ def test_gateway_keeps_auth_caps_limits_and_the_audit_log(gateway: dict[str, Any
     assert not any("sk-a" in json.dumps(x) or "sk-b" in json.dumps(x) for x in lines)
     meta = json.loads(Path(f"{gateway['audit']}.meta.json").read_text())
     assert meta["engine"] == "vllm" and meta["watermark"]["key_id"] == KEY.key_id
-    health = json.loads(__import__("urllib.request").request.urlopen(url[:-3] + "/health").read())
+    with urllib.request.urlopen(url.removesuffix("/v1") + "/health") as r:
+        health = json.loads(r.read())
     assert health["engine"] == "vllm" and health["worker_alive"]
 
 

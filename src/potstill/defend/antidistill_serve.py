@@ -181,8 +181,7 @@ class AntidistillProcessor:
     def __call__(self, rows: DecodeRows, scores: Tensor) -> Tensor:
         if self.lam == 0:
             return scores
-        delta = self.deltas(rows, vocab_size=int(scores.shape[-1]))
-        return scores + self.lam * delta.to(device=scores.device, dtype=scores.dtype)
+        return self.apply_(rows, scores.clone())
 
     def apply_(self, rows: DecodeRows, scores: Tensor) -> Tensor:
         """:meth:`__call__` in place on ``scores`` (returned). Columns past the proxy's logits

@@ -432,13 +432,16 @@ class Engine:
         live = list(range(len(rows)))
         raw = logits
         early = [i for i, row in enumerate(rows) if row.n_sampled < row.group.params.min_tokens]
-        if early and self.stop_ids:  # min_tokens: no end of sequence yet (before the defences)
+        owned = bool(early and self.stop_ids)
+        if owned:  # min_tokens: no end of sequence yet (before the defences)
             logits = logits.clone()
             stops = torch.tensor(sorted(self.stop_ids), device=logits.device)
             logits[torch.tensor(early, device=logits.device)[:, None], stops] = float("-inf")
         processed = logits
         if any(row.group.params.processors for row in rows):
-            processed = logits.clone()
+            # each chain reads its rows (a gathered copy) before writing them back, so a tensor
+            # that is already ours (the masked copy) can take the results; raw stays untouched
+            processed = logits if owned else logits.clone()
             chains: dict[tuple[int, ...], list[int]] = {}
             for i, row in enumerate(rows):
                 if row.group.params.processors:
