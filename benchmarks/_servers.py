@@ -45,15 +45,15 @@ def _wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path, timeout: flo
 @contextmanager
 def subprocess_server(
     argv: Sequence[str], port: int, log: Path, *, env: dict[str, str] | None = None,
-    timeout: float = 600.0,
+    timeout: float = 600.0, ready_path: str = "/health",
 ) -> Iterator[str]:  # fmt: skip
-    """Run ``argv`` (a server listening on ``port``; output to ``log``) until ``/health``
+    """Run ``argv`` (a server listening on ``port``; output to ``log``) until ``ready_path``
     answers 200, yield its ``/v1`` base URL, and stop it when the block ends."""
     with log.open("w") as out:
         proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT,
                                 env={**os.environ, **(env or {})})  # fmt: skip
     try:
-        _wait_ready(proc, f"http://127.0.0.1:{port}/health", log, timeout)
+        _wait_ready(proc, f"http://127.0.0.1:{port}{ready_path}", log, timeout)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         proc.terminate()

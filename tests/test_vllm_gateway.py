@@ -40,7 +40,7 @@ def _gateway(tmp: Path, model_dir: Path, *extra: str) -> Any:
     key_file = write_key(tmp / "wm.key", KEY)
     port = free_port()
     args = ["-m", "potstill.cli", "serve", "--engine", "vllm", "--model", str(model_dir),
-            "--port", str(port), "--enforce-eager", "--max-model-len", "512",
+            "--port", str(port), "--enforce-eager", "--max-model-len", "512", "--dtype", "float32",
             "--api-key", "sk-a", "--api-key", "sk-b", "--audit-log", str(tmp / "audit.jsonl"),
             "--watermark", "kgw", "--watermark-key-file", str(key_file), "--gamma", "0.25",
             "--delta", "4", "--context-width", "1", *extra]  # fmt: skip

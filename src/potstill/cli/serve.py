@@ -6,7 +6,7 @@ Module-level imports are argparse-only: the CLI imports this to register the ver
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, Literal
 
 __all__ = ["cmd_serve", "register"]
 
@@ -46,9 +46,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     s.add_argument(
         "--dtype",
         choices=("auto", "float32", "bfloat16"),
-        default="float32",
-        help="weight dtype (bfloat16: faster decoding where the hardware runs bf16 natively, "
-        "bf16-rounded logprobs; auto: bfloat16 only there)",
+        default="auto",
+        help="weight dtype (auto, the default: bfloat16 where the hardware runs bf16 natively "
+        "(AVX512-BF16/AMX, a bf16 GPU), else float32; bf16 logprobs differ from fp32 ones by "
+        "a few hundredths of a nat: the README's serving section gives the measured error; "
+        "float32 for exact fp32 logprobs)",
     )
     _add_defence_args(s)
     _add_engine_args(s)
@@ -243,6 +245,17 @@ def _native_engine(args: argparse.Namespace, key: Any, params: Any, antidistill:
     return engine, processors, extra, device
 
 
+def _vllm_dtype(name: str) -> Literal["float32", "bfloat16"]:
+    """``--dtype`` resolved as for the native engine (vLLM's own ``auto`` would turn fp32
+    weights into fp16 on a GPU): bf16 where the hardware runs it natively, else fp32."""
+    import torch
+
+    from potstill.core.hardware import resolve_dtype
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return "bfloat16" if resolve_dtype(name, device) == "bfloat16" else "float32"
+
+
 def _vllm_engine(args: argparse.Namespace, key: Any, params: Any, antidistill: Any) -> Any:
     """(engine, processors builder, metadata, where) for vLLM's engine: the defences go to
     vLLM as one engine-wide logits processor; the front end gets their markers."""
@@ -270,7 +283,8 @@ def _vllm_engine(args: argparse.Namespace, key: Any, params: Any, antidistill: A
     key_file = args.watermark_key_file
     defences = vllm_config_for(key_file, params, antidistill=ad_cfg)["potstill"]
     settings = VLLMSettings(
-        model_dir, max_batch=args.max_batch, dtype=args.dtype, max_model_len=args.max_model_len,
+        model_dir, max_batch=args.max_batch, dtype=_vllm_dtype(args.dtype),
+        max_model_len=args.max_model_len,
         tensor_parallel_size=args.tensor_parallel_size or 1, enforce_eager=args.enforce_eager,
         logprobs_source=args.logprobs_source, defences=defences,
     )  # fmt: skip

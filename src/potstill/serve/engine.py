@@ -18,6 +18,10 @@ Design (continuous batching, left-padded):
   with ``seed + choice index``, consuming one uniform per step; so a seeded request gives
   the same text alone or in any batch (up to float rounding of batched matmuls).
 
+Speed on a CPU: the KV cache grows in place (:mod:`potstill.serve.kv_slack`: a decode step
+writes one column instead of copying the cache), and ``from_spec`` prepacks bf16 linears for
+oneDNN (:mod:`potstill.serve.packed`); both leave every logit unchanged.
+
 Logprobs: ``SamplingParams.served_logprobs`` (the default) reports the log-softmax of the
 logits *after* the request's processors (watermark, antidistillation): the distribution the
 token was drawn from, before the client's own temperature and top-p. Raw logprobs, of the
@@ -128,14 +132,13 @@ class Engine:
 
     @classmethod
     def from_spec(
-        cls, spec: str, *, max_batch: int = 8, device: str = "cpu", dtype: str = "float32"
-    ) -> Engine:
-        """Load ``spec`` (any :func:`~potstill.core.models.load_model` form) onto ``device``.
-
-        ``dtype``: ``"float32"``, ``"bfloat16"`` or ``"auto"`` (bf16 where the hardware runs it
-        natively, :mod:`potstill.core.hardware`) weights (bf16 halves the bytes each
-        memory-bound decode step reads; logprobs are then bf16-rounded).
-        """
+        cls, spec: str, *, max_batch: int = 8, device: str = "cpu", dtype: str = "float32",
+        pack: bool = True,
+    ) -> Engine:  # fmt: skip
+        """Load ``spec`` (any :func:`~potstill.core.models.load_model` form) onto ``device``,
+        in ``dtype`` ``"float32" | "bfloat16" | "auto"`` (:mod:`potstill.core.hardware`; bf16
+        halves the bytes a decode step reads, and rounds logprobs). ``pack``: prepack bf16
+        linears on the CPU (:mod:`potstill.serve.packed`: the same logits, faster)."""
         import torch
 
         from potstill.core.hardware import resolve_dtype
@@ -143,7 +146,13 @@ class Engine:
 
         bf16 = resolve_dtype(dtype, device) == "bfloat16"
         model, tok = load_model(spec, dtype=torch.bfloat16 if bf16 else None)
-        return cls(model.to(device), tok, model_name=spec, max_batch=max_batch)
+        model = model.to(device).eval()
+        if pack:
+            from potstill.serve.packed import can_pack, pack_linears
+
+            if can_pack(model):
+                pack_linears(model, rows_hint=max_batch)
+        return cls(model, tok, model_name=spec, max_batch=max_batch)
 
     @property
     def device(self) -> torch.device:
@@ -243,7 +252,8 @@ class Engine:
     def _admit(self, groups: list[RequestGroup]) -> None:
         """Prefill ``groups`` together, sample each choice's first token, merge into the batch."""
         import torch
-        from transformers import DynamicCache
+
+        from potstill.serve.kv_slack import slack_cache
 
         dev = self.device
         echo_rows = [r for r, g in enumerate(groups) if g.params.echo_logprobs]
@@ -256,7 +266,7 @@ class Engine:
                 ids[r, width - len(g.prompt_ids) :] = torch.tensor(g.prompt_ids)
                 mask[r, width - len(g.prompt_ids) :] = 1
             pos = (mask.cumsum(-1) - 1).clamp(min=0)
-            cache = DynamicCache(config=self.model.config)
+            cache = slack_cache(self.model.config)
             if echo_rows:
                 last = self._echo_prefill(groups, echo_rows, ids, mask, pos, cache, prompt_lps)
             else:
