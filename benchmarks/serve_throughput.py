@@ -499,14 +499,17 @@ def main() -> None:
     from potstill.serve.engine import Engine
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1)  # as `potstill serve` (core.hardware.threads_for_worker)
     args.resolved_dtype = resolve_dtype(args.dtype, device)
     t_load = time.perf_counter()
-    engine = Engine.from_spec(args.model, max_batch=args.clients, device=device, dtype=args.dtype)
+    engine = Engine.from_spec(args.model, max_batch=args.clients, device=device, dtype=args.dtype,
+                              threads=args.threads)  # fmt: skip
     load_s = time.perf_counter() - t_load
     reqs = _requests(n_req, max_tokens, args.model)
     reqs_lp = _requests(n_req, max_tokens, args.model, top_logprobs=5)
     result, batched = _native_rows(args, engine, reqs, reqs_lp)
+    engine.stop()
+    torch.set_num_threads(args.threads)  # the in-process peers run on this thread
     result.update({
         "requests": n_req, "max_tokens": max_tokens, "clients": args.clients,
         "max_batch": args.clients, "model": args.model, "dtype": args.resolved_dtype,

@@ -188,6 +188,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         params = WatermarkParams(
             args.watermark, gamma=args.gamma, delta=args.delta, context_width=args.context_width
         )
+    if args.engine == "native":  # before any torch op here (the monitor's embedder loads next)
+        from potstill.core.hardware import threads_for_worker
+
+        args.worker_threads = threads_for_worker()
     # Defense: API policy, extraction monitor, prompt log (potstill.defend.cli).
     from potstill.defend.cli import serve_hooks
 
@@ -232,7 +236,8 @@ def _native_engine(args: argparse.Namespace, key: Any, params: Any, antidistill:
         from potstill.serve.watermarking import watermark_processors
 
         processors = watermark_processors(key, params)
-    engine = Engine.from_spec(args.model, max_batch=args.max_batch, device=device, dtype=args.dtype)
+    engine = Engine.from_spec(args.model, max_batch=args.max_batch, device=device, dtype=args.dtype,
+                              threads=getattr(args, "worker_threads", None))  # fmt: skip
     extra: dict[str, Any] = {"engine": "native", "logprobs_source": args.logprobs_source}
     if antidistill is not None:  # antidistill first, the watermark last (see antidistill_serve)
         from potstill.defend import antidistill_serve as ads

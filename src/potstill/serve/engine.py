@@ -18,9 +18,8 @@ Design (continuous batching, left-padded):
   with ``seed + choice index``, consuming one uniform per step; so a seeded request gives
   the same text alone or in any batch (up to float rounding of batched matmuls).
 
-Speed on a CPU: the KV cache grows in place (:mod:`potstill.serve.kv_slack`: a decode step
-writes one column instead of copying the cache), and ``from_spec`` prepacks bf16 linears for
-oneDNN (:mod:`potstill.serve.packed`); both leave every logit unchanged.
+CPU speed (every logit unchanged): an in-place KV cache (:mod:`potstill.serve.kv_slack`) and
+prepacked bf16 linears (:mod:`potstill.serve.packed`); the worker owns torch's threads.
 
 Logprobs: ``SamplingParams.served_logprobs`` (the default) reports the log-softmax of the
 logits *after* the request's processors (watermark, antidistillation): the distribution the
@@ -106,6 +105,7 @@ class Engine:
         model_name: str,
         max_batch: int = 8,
         context_length: int | None = None,
+        threads: int | None = None,
     ) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
@@ -114,6 +114,7 @@ class Engine:
         self._tok = copy.deepcopy(tokenizer)  # the worker's own: fast tokenizers are not re-entrant
         self.model_name = model_name
         self.max_batch = max_batch
+        self.threads = threads  # the worker's torch threads (core.hardware.threads_for_worker)
         self.vocab_size = real_vocab_size(model, tokenizer)
         self.stop_ids = stop_token_ids(model, tokenizer)
         max_pos = int(getattr(model.config, "max_position_embeddings", 0) or 0) or 2048
@@ -133,7 +134,7 @@ class Engine:
     @classmethod
     def from_spec(
         cls, spec: str, *, max_batch: int = 8, device: str = "cpu", dtype: str = "float32",
-        pack: bool = True,
+        pack: bool = True, threads: int | None = None,
     ) -> Engine:  # fmt: skip
         """Load ``spec`` (any :func:`~potstill.core.models.load_model` form) onto ``device``,
         in ``dtype`` ``"float32" | "bfloat16" | "auto"`` (:mod:`potstill.core.hardware`; bf16
@@ -152,7 +153,7 @@ class Engine:
 
             if can_pack(model):
                 pack_linears(model, rows_hint=max_batch)
-        return cls(model, tok, model_name=spec, max_batch=max_batch)
+        return cls(model, tok, model_name=spec, max_batch=max_batch, threads=threads)
 
     @property
     def device(self) -> torch.device:
@@ -199,6 +200,8 @@ class Engine:
     def _run(self) -> None:
         import torch
 
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
         with torch.inference_mode():
             while True:
                 groups = self._take_pending()
@@ -589,12 +592,6 @@ class Engine:
     def health(self) -> dict[str, Any]:
         """Stats for /health (worker liveness, queue, batch sizes)."""
         alive = self._thread is not None and self._thread.is_alive()
-        return {
-            "worker_alive": alive,
-            "queued": len(self._pending),
-            "running": len(self._rows),
-            "max_batch": self.max_batch,
-            "context_length": self.context_length,
-            **self.stats.__dict__,
-            "time": time.time(),
-        }
+        return {"worker_alive": alive, "queued": len(self._pending), "running": len(self._rows),
+                "max_batch": self.max_batch, "context_length": self.context_length,
+                **self.stats.__dict__, "time": time.time()}  # fmt: skip
