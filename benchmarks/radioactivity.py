@@ -36,6 +36,7 @@ p < 1e-5 with 5% of the student's training text watermarked, open model). Writes
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -522,13 +523,18 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     started = time.time()
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    reused: dict[str, Any] = {}  # blocks taken from an earlier run (--part1-json), recorded
     with tempfile.TemporaryDirectory(prefix="potstill-radio-") as tmp:
         partial = args.out.with_name(args.out.stem + "_partial.json")
         if args.part1_json is not None:  # reuse a finished part 1 (e.g. a *_partial.json)
             from potstill.core.models import load_model
 
-            p1 = json.loads(args.part1_json.read_text())["single_text"]
+            src = json.loads(args.part1_json.read_text())
+            p1 = src["single_text"]
             smol = load_model("smollm2-135m-instruct")
+            digest = hashlib.sha256(json.dumps(p1, sort_keys=True).encode()).hexdigest()
+            reused["single_text"] = {"file": str(args.part1_json), "sha256": digest,
+                                     "commit": src.get("provenance", {}).get("commit")}  # fmt: skip
         else:
             p1, smol = part1_single_text(s, params)
         write_result(partial, {"single_text": p1, "settings": s})
@@ -561,6 +567,8 @@ def main(argv: list[str] | None = None) -> int:
                     "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()},
         "total_seconds": time.perf_counter() - t0,
     }  # fmt: skip
+    if reused:
+        res["reused_from_earlier_run"] = reused
     res["provenance"] = provenance(started)
     write_result(args.out, res)
     summary(res)

@@ -7,8 +7,8 @@ The toy in ``radioactivity.py`` (a 16-symbol teacher) has only ~230 distinct win
 bounds any test's power. Here the teacher is SmolLM2-135M-Instruct (49,152 tokens), KGW with
 gamma 0.25, delta 3 (Sander et al.'s strength) and context width 1 (the demo's per-previous-token
 lists, the most radioactive width in Sander et al.); ``--context-width`` / ``--delta`` run another
-setting into its own block and suffixed keys (the library default k 2, delta 2 is
-``real_vocab_k2_d2``), sampling at temperature 1:
+setting into its own file and suffixed keys (the library default k 2, delta 2 is
+``radioactivity_real_k2_d2.json``), sampling at temperature 1:
 
 1. The teacher answers ``n_train`` prompts twice, once watermarked and once clean, plus
    ``n_heldout`` prompts watermarked only (answers cached under $POTSTILL_CACHE/benchmarks).
@@ -32,9 +32,8 @@ setting into its own block and suffixed keys (the library default k 2, delta 2 i
    ``null_keys`` per model: KS against U(0, 1) and the FPR at 0.05 / 0.01 / 0.001 with exact
    99% intervals. The owner's key on those clean models is reported too.
 
-Writes its block into ``benchmarks/results/radioactivity.json`` (the toy blocks already there
-are kept and recorded as reused, with the commit that wrote them and a sha256), and
-``radioactivity_real_power.png`` / ``radioactivity_real_null_qq.png``.
+Writes ``benchmarks/results/radioactivity_real.json`` (another setting:
+``radioactivity_real_k<K>_d<D>.json``) and the ``_power.png`` / ``_null_qq.png`` beside it.
 """
 
 from __future__ import annotations
@@ -59,7 +58,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import generate, make_log
+from _common import generate, make_log, write_result
 from _provenance import provenance
 from potstill.core.watermark import KGWProcessor, WatermarkParams
 from potstill.detect.radioactivity import collect_open_tuples, score_corpus
@@ -304,28 +303,15 @@ def plot_qq(pvals: dict[str, list[float]], path: Path) -> None:
     plt.close(fig)
 
 
-def merge_into(path: Path, block: dict[str, Any], top: dict[str, Any], name: str) -> None:
-    """Add ``block`` as ``name`` (and the top-level keys) to the results file, recording what
-    is reused. Other ``real_vocab*`` blocks are kept as they are: each holds its own provenance."""
-    old: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
-    old.pop(name, None)
-    old.pop("provenance", None)  # the previous writer's; each block keeps its own
-    for k in top:
-        old.pop(k, None)
-    reused_raw = json.dumps(old, sort_keys=True).encode()
-    commit = subprocess.run(["git", "log", "-1", "--format=%H", "--", str(path)], cwd=REPO,
-                            capture_output=True, text=True, check=False).stdout.strip()  # fmt: skip
-    reuse = {"blocks": sorted(old), "committed_in": commit or None,
-             "sha256": hashlib.sha256(reused_raw).hexdigest(),
-             "note": "the toy-teacher blocks come from an earlier radioactivity.py run"}  # fmt: skip
-    if "reused_from_earlier_run" in old:  # already recorded by a previous merge: keep it
-        reuse = old["reused_from_earlier_run"]
-    # The file's provenance is this run's (the last writer); other blocks are reused, recorded above.
-    here = {**block["provenance"], "wrote_block": name}
-    merged = {"provenance": here, **top, **old, name: block, "reused_from_earlier_run": reuse}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(merged, indent=2, default=float) + "\n")
-    tmp.replace(path)
+def write_own(path: Path, block: dict[str, Any], top: dict[str, Any]) -> None:
+    """This run's results file: its provenance, the top-level figures, then the block (one
+    benchmark run writes one file; another setting writes another file)."""
+    res = {
+        "provenance": block["provenance"],
+        **top,
+        **{k: v for k, v in block.items() if k != "provenance"},
+    }
+    write_result(path, res)
 
 
 def sweep(
@@ -410,23 +396,25 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smoke run")
     ap.add_argument(
-        "--out", type=Path, help="results file (default: benchmarks/results/radioactivity.json; "
+        "--out", type=Path, help="results file (default: benchmarks/results/radioactivity_real"
+        "[_k<K>_d<D>].json; "
         "--quick: a file in the temp dir, so a smoke run never touches the results)",
     )  # fmt: skip
     ap.add_argument(
         "--context-width", type=int, default=1,
-        help="KGW window (default 1; another setting writes its own block and suffixed keys)",
+        help="KGW window (default 1; another setting writes its own file and suffixed keys)",
     )  # fmt: skip
     ap.add_argument("--delta", type=float, default=3.0, help="KGW bias in logits (default 3)")
     args = ap.parse_args(argv)
     if args.out is None:
         quick_out = Path(tempfile.gettempdir()) / "radioactivity_real_quick.json"
-        args.out = quick_out if args.quick else RESULTS / "radioactivity.json"
     started = time.time()
     s = settings_for(args.quick)
     s["context_width"], s["delta"] = args.context_width, args.delta
     default = (args.context_width, args.delta) == (1, 3.0)
     suffix = "" if default else f"_k{args.context_width}_d{args.delta:g}"
+    if args.out is None:
+        args.out = quick_out if args.quick else RESULTS / f"radioactivity_real{suffix}.json"
     torch.set_num_threads(s["threads"])
     params = WatermarkParams(
         "kgw", gamma=s["gamma"], delta=s["delta"], context_width=s["context_width"]
@@ -443,8 +431,8 @@ def main(argv: list[str] | None = None) -> int:
     sources["teacher_on_clean"] = audit(s, teacher, tok, corpus["clean"], params)
     null, pvals = null_block(s, sources, params)
     stem = args.out.with_suffix("")
-    plot_power(per, Path(f"{stem}_real{suffix}_power.png"))
-    plot_qq(pvals, Path(f"{stem}_real{suffix}_null_qq.png"))
+    plot_power(per, Path(f"{stem}_power.png"))
+    plot_qq(pvals, Path(f"{stem}_null_qq.png"))
 
     top = top_keys(per, suffix)
     block = {
@@ -456,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         "null": null,
         "provenance": provenance(started),
     }
-    merge_into(args.out, block, top, f"real_vocab{suffix}")
+    write_own(args.out, block, top)
     print_summary(per, null, top, suffix, started)
     return 0
 
