@@ -27,7 +27,9 @@ dtype, and written to ``benchmarks/results/kd_throughput.json``:
   ``fused_linear_kd_loss`` chunked, each in a fresh subprocess;
 * cache bytes/token and KL(teacher || reconstruction from the cache) at k in {8,32,64,128};
 * held-out KL(teacher || student) of the students trained online vs from the cache (same
-  data, steps and init): the cache must not cost accuracy.
+  data, steps and init): the cache must not cost accuracy;
+* with ``--liger`` on CUDA, potstill's fused linear KD loss against Liger-Kernel's
+  (:mod:`_kd_liger`).
 """
 
 from __future__ import annotations
@@ -269,6 +271,11 @@ def main() -> None:
     log(f"peak MB plain {m['plain']['peak_mb']:.0f} chunked {m['chunked']['peak_mb']:.0f}")
     m.update(_kl(a, m, teacher_model, tok))  # 6. and 7.
     res = _result(a, m)
+    if a.liger and a.device == "cuda":  # 8. the fused loss against Liger's, at the probe's shapes
+        from _kd_liger import liger_vs_potstill
+
+        res["liger_fused_loss"] = liger_vs_potstill(m["vocab"], 4096, a.student_width, t_width,
+                                                    a.device)  # fmt: skip
     res["wall_s"] = time.perf_counter() - t_start
     res["provenance"] = provenance(started)
     out = Path(a.out)
@@ -505,6 +512,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--mfu-steps", type=int, default=None)
     p.add_argument("--kl-blocks", type=int, default=None, help="held-out blocks for the KL figures")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--liger", action="store_true",
+                   help="also time Liger-Kernel's fused linear JSD loss (CUDA only)")  # fmt: skip
     p.add_argument("--out", default=str(DEFAULT_OUT))
     p.add_argument(
         "--rss-probe", choices=("plain", "chunked"), default=None, help=argparse.SUPPRESS

@@ -398,3 +398,26 @@ def test_package_import_is_light_and_exports_resolve() -> None:
     assert sorted(teachers.__all__) == sorted(teachers._EXPORTS)
     for name in teachers.__all__:
         assert getattr(teachers, name) is not None
+
+
+def test_cast_for_autocast_gives_the_autocast_logits_bit_for_bit() -> None:
+    """An fp32 teacher under bf16 autocast, and the same teacher with its linears cast once:
+    identical logits and head products, with autocast on around it or not; the input
+    embedding (tied to the head) stays fp32."""
+    plain = HFTeacher.from_spec("tiny:4")
+    cast = HFTeacher.from_spec("tiny:4").cast_for_autocast(torch.bfloat16)
+    ids = torch.randint(0, 250, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", torch.bfloat16):
+        ref = plain.logits(ids)
+        got = cast.logits(ids)
+        h_ref, w_ref = plain.hidden_and_head(ids)
+        ref_head = h_ref @ w_ref.T
+    assert torch.equal(ref, got)
+    assert torch.equal(cast.logits(ids), ref)  # the teacher brings its own autocast
+    h, w = cast.hidden_and_head(ids)
+    assert h.dtype == w.dtype == torch.bfloat16
+    assert torch.equal(h @ w.T, ref_head)
+    assert torch.equal(h @ w.T, ref)
+    emb = cast.model.get_input_embeddings().weight
+    assert emb.dtype == torch.float32
+    assert torch.equal(emb, plain.model.get_input_embeddings().weight)

@@ -45,10 +45,19 @@ def load_teacher(cfg: DistillConfig, tokenizer: Any, student_vocab: int) -> Any:
     if cfg.loss.cross_tokenizer is not None:
         from potstill.distill.teachers.crosstok import CrossTokenizerTeacher
 
-        return CrossTokenizerTeacher(HFTeacher.from_spec(spec, dtype=dtype), tokenizer)
-    return HFTeacher.from_spec(
+        return CrossTokenizerTeacher(_autocast(cfg, HFTeacher.from_spec(spec, dtype=dtype)),
+                                     tokenizer)  # fmt: skip
+    return _autocast(cfg, HFTeacher.from_spec(
         spec, student_tokenizer=tokenizer, student_vocab_size=student_vocab, dtype=dtype
-    )
+    ))  # fmt: skip
+
+
+def _autocast(cfg: DistillConfig, teacher: Any) -> Any:
+    """An fp32 teacher under ``train.bf16`` holds its linear weights in bf16 once (the same
+    numbers autocast computes, without re-casting the frozen weights every step)."""
+    if cfg.train.bf16 and next(teacher.model.parameters()).dtype == torch.float32:
+        teacher.cast_for_autocast(torch.bfloat16)
+    return teacher
 
 
 def load_endpoint_teacher(
