@@ -26,6 +26,7 @@ them; the tests check both. The teacher is a constant (no gradient flows into it
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -57,7 +58,10 @@ def _dense_rows(ls: Tensor, q: Tensor, t: Tensor, temperature: float) -> tuple[T
         tt = tt / temperature
     lt = F.log_softmax(tt, dim=-1)
     p = lt.exp()
-    terms = torch.where(p > 0, p * (lt - ls), torch.zeros((), device=p.device))
+    # p (lt - ls), with 0 where p = 0 and lt = -inf (a masked teacher token: 0 * -inf = nan);
+    # an infinite term (p > 0 on a -inf student logit) stays infinite. One pass in place,
+    # against a compare, a where and two temporaries (measured ~15% of the objective).
+    terms = torch.sub(lt, ls).mul_(p).nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)
     return terms.sum(-1), q - p
 
 
@@ -158,8 +162,12 @@ class _FusedObjective(torch.autograd.Function):
         kd_sum = torch.zeros((), dtype=torch.float32, device=s.device)
         has_kd = teacher is not None or ids is not None
         alpha = alpha if has_kd else 1.0  # without a teacher the objective is CE alone
+        # Packed text scores every row: then a chunk is a slice (a view), not a gathered copy.
+        every = keep is None or bool(keep.all())
         for start in range(0, rows.shape[0], chunk):
-            r = rows[start : start + chunk]
+            r: Tensor | slice = (
+                slice(start, start + chunk) if every else rows[start : start + chunk]
+            )
             x = s[r].float()
             ls1 = F.log_softmax(x, dim=-1)
             g = None
@@ -173,7 +181,9 @@ class _FusedObjective(torch.autograd.Function):
                     kd, g = _sparse_rows(ls, q, k_ids[r].long(), k_lps[r])
                 # Rows whose divergence rounds below 0 are clamped there (as the reference
                 # losses do), which zeroes their gradient.
-                g.mul_((kd >= 0).to(x.dtype)[:, None] * ((1.0 - alpha) * temperature))
+                scale = (1.0 - alpha) * temperature
+                if scale != 1.0 or not bool((kd >= 0).all()):  # else a pass that multiplies by 1
+                    g.mul_((kd >= 0).to(x.dtype)[:, None] * scale)
                 kd_sum += kd.clamp_min(0.0).sum()
             if flat_labels is not None:
                 targets = flat_labels[r]
@@ -182,7 +192,7 @@ class _FusedObjective(torch.autograd.Function):
                     q1 = q if has_kd and temperature == 1.0 else ls1.exp()
                     g = alpha * q1 if g is None else g.add_(q1, alpha=alpha)
                     g.scatter_add_(
-                        -1, targets[:, None], torch.full((len(r), 1), -alpha, device=g.device)
+                        -1, targets[:, None], torch.full((len(x), 1), -alpha, device=g.device)
                     )
             if g is not None:
                 grad[r] = g.to(grad.dtype)
