@@ -281,3 +281,59 @@ def test_fused_and_chunked_never_materialise_full_fp32_logits() -> None:
         lambda: chunked_kd_loss(forward_kl, logits, teacher, chunk_tokens=chunk)
     )
     assert chunked <= chunk * v
+
+
+@pytest.mark.parametrize("targets", ["topk", "none"])
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_fused_linear_with_topk_or_no_teacher_equals_the_whole_head(
+    targets: str, chunk: int
+) -> None:
+    """Top-k targets (the logit cache's) and CE alone through the fused head, with the objective
+    writing its gradient over the reused chunk buffer, equal the reference sparse KL and CE on
+    whole logits: value, and gradients w.r.t. the hidden states and the head."""
+    import functools
+
+    from potstill.distill.config import LossConfig
+    from potstill.distill.losses import TopKTargets, cross_entropy, sparse_topk_kl, topk_from_logits
+    from potstill.distill.train.objective import kd_objective
+
+    hidden, w = make((N, H), 40), make((V, H), 41, scale=0.5)
+    ids, lps = topk_from_logits(make((N, V), 42), 5)
+    ids[2, 3:] = -1  # a position whose teacher listed fewer tokens
+    topk = TopKTargets(ids, lps) if targets == "topk" else None
+    alpha = 0.3 if targets == "topk" else 1.0
+    cfg = LossConfig(kind="forward_kl", ce_weight=alpha, temperature=1.5)
+
+    def reference(h: Tensor, w_: Tensor) -> Tensor:
+        logits = h @ w_.T
+        ce = cross_entropy(logits, FUSED_LABELS, reduction="sum")
+        if topk is None:
+            return ce
+        kd = sparse_topk_kl(logits, ids, lps, FUSED_LABELS, temperature=1.5, reduction="sum")
+        return alpha * ce + (1 - alpha) * kd
+
+    objective = functools.partial(kd_objective, loss=cfg, overwrite=True)
+    v_ref, (gh_ref, gw_ref) = value_and_grads(reference, hidden, w)
+    v, (gh, gw) = value_and_grads(
+        lambda h, w_: fused_linear_kd_loss(
+            objective, h, w_, topk, FUSED_LABELS, chunk_tokens=chunk, reduction="sum"
+        )[0],
+        hidden,
+        w,
+    )
+    torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gh, gh_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-5, atol=1e-6)
+    assert (gh[FUSED_LABELS == -100] == 0).all()
+
+
+def test_fused_linear_refuses_mismatched_topk_shapes() -> None:
+    from potstill.distill.losses import TopKTargets
+
+    ids = torch.zeros((N, 4), dtype=torch.long)
+    with pytest.raises(ValueError, match="top-k ids"):
+        fused_linear_kd_loss(forward_kl, make((N, H), 1), make((V, H), 2),
+                             TopKTargets(ids, torch.zeros((N, 3))))  # fmt: skip
+    with pytest.raises(ValueError, match="leading shape"):
+        fused_linear_kd_loss(forward_kl, make((N, H), 1), make((V, H), 2),
+                             TopKTargets(ids[:5], torch.zeros((5, 4))))  # fmt: skip

@@ -176,3 +176,44 @@ def test_default_chunks_give_the_same_result_as_one_row_at_a_time() -> None:
     v, grad = _grads(lambda x: fused_kd_objective(x, t, labels, beta=0.5), s)
     torch.testing.assert_close(v, one_v, rtol=1e-6, atol=1e-4)
     torch.testing.assert_close(grad, one_g, rtol=1e-6, atol=1e-9)
+
+
+def _teacher_of(kind: str, t: torch.Tensor) -> object:
+    return {"dense": t, "sparse": topk_from_logits(t, 8), "ce": None}[kind]
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse", "ce"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_overwrite_writes_the_reference_gradient_over_the_logits(kind: str, masked: bool) -> None:
+    """``overwrite``: the logits' own buffer ends up holding the reference gradient (masked
+    rows 0), and the returned gradient is that buffer, scaled in place by the upstream 1.7."""
+    s, t, labels = _case(6)
+    if not masked:
+        labels = torch.randint(0, 50, labels.shape, generator=torch.Generator().manual_seed(9))
+    teacher, alpha = _teacher_of(kind, t), 1.0 if kind == "ce" else 0.3
+    ref_v, ref_g = _grads(
+        lambda x: _reference(x, teacher, labels, alpha, 2.0 if kind != "ce" else 1.0), s
+    )
+    leaf = s.clone().requires_grad_(True)
+    logits = leaf * 1.0  # a temporary, as the head's output is
+    total, _, _ = fused_kd_objective(
+        logits, teacher, labels, alpha=alpha, temperature=2.0 if kind != "ce" else 1.0,
+        chunk_tokens=4, overwrite=True,
+    )  # fmt: skip
+    torch.testing.assert_close(total.detach(), ref_v, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits.detach(), ref_g / 1.7, rtol=1e-5, atol=1e-6)
+    (total * 1.7).backward()
+    torch.testing.assert_close(leaf.grad, ref_g, rtol=1e-5, atol=1e-6)
+    if masked:
+        assert torch.all(leaf.grad[0, :3] == 0)
+
+
+def test_the_in_place_backward_refuses_a_second_pass() -> None:
+    """The saved gradient is scaled in place, so a retained graph's second backward must fail
+    autograd's version check rather than return a gradient scaled twice."""
+    s, t, labels = _case(7)
+    x = s.clone().requires_grad_(True)
+    total, _, _ = fused_kd_objective(x, t, labels)
+    (total * 2.0).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (total * 2.0).backward()

@@ -30,7 +30,12 @@ from potstill.distill.losses.divergence import (
     tvd,
 )
 from potstill.distill.losses.mix import ce_plus_kd, cross_entropy
-from potstill.distill.losses.sparse import TAIL_FLOOR, sparse_topk_kl, topk_from_logits
+from potstill.distill.losses.sparse import (
+    TAIL_FLOOR,
+    TopKTargets,
+    sparse_topk_kl,
+    topk_from_logits,
+)
 
 LOSSES: dict[str, Callable[..., Tensor]] = {
     "forward_kl": forward_kl,
@@ -45,6 +50,7 @@ __all__ = [
     "LOSSES",
     "TAIL_FLOOR",
     "LossConfigError",
+    "TopKTargets",
     "ce_plus_kd",
     "chunked_kd_loss",
     "cross_entropy",

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from potstill.distill.losses._common import check_labels, check_pair, check_reduction, keep_mask
+from potstill.distill.losses.sparse import TopKTargets
 
 LossFn = Callable[..., Any]  # -> Tensor, or (loss, *aux) for fused_linear_kd_loss
 
@@ -70,7 +71,7 @@ def _split_kwargs(loss_kwargs: dict[str, Any]) -> tuple[str, int, dict[str, Any]
 def _chunk_loss_and_grad(
     loss_fn: LossFn,
     student: Tensor,
-    teacher: Tensor,
+    teacher: Tensor | TopKTargets | None,
     labels: Tensor | None,
     need_grad: bool,
     kwargs: dict[str, Any],
@@ -78,8 +79,10 @@ def _chunk_loss_and_grad(
     """Sum-reduced loss of one chunk, its gradient w.r.t. the fp32 student logits chunk, and
     the detached auxiliary terms when ``loss_fn`` returns ``(loss, *aux)``."""
     student = student.detach().float().requires_grad_(need_grad)
+    if isinstance(teacher, Tensor):
+        teacher = teacher.detach()
     with torch.enable_grad():
-        out = loss_fn(student, teacher.detach(), labels, reduction="sum", **kwargs)
+        out = loss_fn(student, teacher, labels, reduction="sum", **kwargs)
         loss, aux = (out[0], tuple(out[1:])) if isinstance(out, tuple) else (out, ())
         grad = torch.autograd.grad(loss, student)[0] if need_grad else None
     return loss.detach().float(), grad, tuple(a.detach().float() for a in aux)
@@ -182,6 +185,7 @@ class _FusedLinearKD(torch.autograd.Function):
         teacher_logits: Tensor | None,
         teacher_hidden: Tensor | None,
         teacher_weight: Tensor | None,
+        topk: TopKTargets | None,
         labels: Tensor | None,
         loss_fn: LossFn,
         chunk_tokens: int,
@@ -202,14 +206,23 @@ class _FusedLinearKD(torch.autograd.Function):
         grad_w = torch.zeros_like(w32) if need_w else None  # fp32 accumulator over chunks
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         aux_sums: list[Tensor] = []
+        # One [chunk, V] buffer for every chunk's logits: a fresh one per chunk would be
+        # page-faulted afresh each time (glibc maps blocks this big on each allocation); a
+        # loss_fn that writes its gradient over the logits (kd_objective(overwrite=True))
+        # then needs no second one.
+        work = hidden.new_empty(
+            (min(chunk_tokens, rows.numel()), w32.shape[0]), dtype=torch.float32
+        )
         for where in _chunks(rows, chunk_tokens, lead):
             h32 = hidden[where].detach().float()
             with torch.no_grad():
-                logits = h32 @ w32.T
+                logits = torch.mm(h32, w32.T, out=work[: h32.shape[0]])
+                t_chunk: Tensor | TopKTargets | None = None
                 if teacher_logits is not None:
                     t_chunk = teacher_logits[where]
-                else:
-                    assert teacher_hidden is not None and teacher_weight is not None
+                elif topk is not None:
+                    t_chunk = TopKTargets(topk.ids[where], topk.logprobs[where])
+                elif teacher_hidden is not None and teacher_weight is not None:
                     # teacher's own dtype, as its lm_head would compute the logits
                     t_chunk = teacher_hidden[where] @ teacher_weight.T
             loss, g, aux = _chunk_loss_and_grad(
@@ -224,7 +237,8 @@ class _FusedLinearKD(torch.autograd.Function):
             aux_sums = list(aux) if not aux_sums else [a + b for a, b in zip(aux_sums, aux)]
             if g is None:
                 continue
-            g = g * scale
+            if scale != 1.0:
+                g = g.mul_(scale)  # the chunk's own gradient (autograd's, or the overwritten work)
             if grad_h is not None:
                 grad_h.index_put_(where, (g @ w32).to(grad_h.dtype))
             if grad_w is not None:
@@ -241,13 +255,13 @@ class _FusedLinearKD(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = None if grad_h is None else grad_h * grad_output
         gw = None if grad_w is None else grad_w * grad_output
-        return (gh, gw) + (None,) * 10
+        return (gh, gw) + (None,) * 11
 
 
 def _check_fused_shapes(
     hidden: Tensor,
     weight: Tensor,
-    teacher: Tensor | tuple[Tensor, Tensor],
+    teacher: Tensor | tuple[Tensor, Tensor] | TopKTargets | None,
     labels: Tensor | None,
 ) -> None:
     if weight.dim() != 2 or hidden.shape[-1] != weight.shape[1]:
@@ -256,7 +270,14 @@ def _check_fused_shapes(
             f"{tuple(weight.shape)} and hidden {tuple(hidden.shape)}"
         )
     vocab = weight.shape[0]
-    if isinstance(teacher, Tensor):
+    if teacher is None or isinstance(teacher, TopKTargets):
+        if teacher is not None and teacher.ids.shape != teacher.logprobs.shape:
+            raise ValueError(
+                f"top-k ids {tuple(teacher.ids.shape)} and logprobs "
+                f"{tuple(teacher.logprobs.shape)} must have one shape"
+            )
+        t_vocab, t_lead = vocab, hidden.shape[:-1] if teacher is None else teacher.ids.shape[:-1]
+    elif isinstance(teacher, Tensor):
         t_vocab, t_lead = teacher.shape[-1], teacher.shape[:-1]
     else:
         th, tw = teacher
@@ -283,7 +304,7 @@ def fused_linear_kd_loss(
     loss_fn: LossFn,
     student_hidden: Tensor,
     student_weight: Tensor,
-    teacher: Tensor | tuple[Tensor, Tensor],
+    teacher: Tensor | tuple[Tensor, Tensor] | TopKTargets | None,
     labels: Tensor | None = None,
     *,
     chunk_tokens: int = 1024,
@@ -308,6 +329,8 @@ def fused_linear_kd_loss(
             or a pair ``(teacher_hidden [..., Ht], teacher_weight [V, Ht])`` from which the teacher
             logits are computed per chunk under ``no_grad``, in the teacher's dtype. The teacher
             vocabulary must equal the student's (``ValueError`` otherwise: truncate first).
+            Or :class:`~potstill.distill.losses.TopKTargets` ``[..., K]``, or None (no teacher),
+            for a ``loss_fn`` that takes them (``kd_objective``).
         labels: leading shape or None, aligned with the hidden positions; ``ignore_index`` masks.
         chunk_tokens: unmasked tokens per chunk (> 0).
         loss_kwargs: forwarded to ``loss_fn`` (``temperature``, ``beta``, ``reduction``, ...).
@@ -315,15 +338,20 @@ def fused_linear_kd_loss(
     _check_chunk(chunk_tokens)
     _check_fused_shapes(student_hidden, student_weight, teacher, labels)
     reduction, ignore_index, kwargs = _split_kwargs(loss_kwargs)
-    t_logits, t_hidden, t_weight = (
-        (teacher, None, None) if isinstance(teacher, Tensor) else (None, *teacher)
-    )
+    t_logits, t_hidden, t_weight, topk = None, None, None, None
+    if isinstance(teacher, TopKTargets):
+        topk = teacher
+    elif isinstance(teacher, Tensor):
+        t_logits = teacher
+    elif teacher is not None:
+        t_hidden, t_weight = teacher
     out = _FusedLinearKD.apply(
         student_hidden,
         student_weight,
         t_logits,
         t_hidden,
         t_weight,
+        topk,
         labels,
         loss_fn,
         chunk_tokens,

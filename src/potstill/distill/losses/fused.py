@@ -44,6 +44,10 @@ _TINY = 1e-45
 # temporaries then stay in a core's L2 (2 MiB here); at V = 49,152, 32-row chunks (6 MiB each)
 # made the generalised JSD 1.5x slower than 4-row ones, measured forward + backward.
 _CHUNK_BYTES = 1 << 20
+# Top-k targets keep three [rows, V] temporaries but run ~25 small ops on [rows, K] per chunk,
+# so small chunks are dispatch-bound: at V = 49,152 and 2,048 rows (forward + backward),
+# 5-row chunks took 229 ms and 32- to 512-row ones 163-169 ms (2-core EPYC VM, best of 5).
+_SPARSE_CHUNK_BYTES = 8 << 20
 
 
 def _ce_rows(ls1: Tensor, targets: Tensor) -> Tensor:
@@ -148,11 +152,24 @@ class _FusedObjective(torch.autograd.Function):
         chunk: int,
         ignore_index: int,
         beta: float,
+        overwrite: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
         vocab = student.shape[-1]
-        s = student.reshape(-1, vocab)
-        grad = torch.zeros_like(s)
+        s = student.detach().reshape(-1, vocab)
         keep = None if labels is None else labels.reshape(-1) != ignore_index
+        # Packed text scores every row: then a chunk is a slice (a view), not a gathered copy.
+        every = keep is None or bool(keep.all())
+        # A fresh [N, V] buffer costs its page faults: glibc maps a block this big afresh on
+        # each allocation (a pass over a new 400 MB buffer took 110-125 ms on the 2-core VM,
+        # over a reused one 9-15 ms). ``overwrite`` writes the gradient over the logits
+        # instead, each row once its values are used; masked rows then get a zero gradient.
+        zeroed = not every  # masked rows must read 0; a kept row is written in the loop
+        if overwrite and s.data_ptr() == student.data_ptr() and s.is_contiguous():
+            grad = s
+            if keep is not None and zeroed:
+                grad[~keep] = 0.0
+        else:
+            grad = torch.zeros_like(s) if zeroed else torch.empty_like(s)
         rows = torch.arange(s.shape[0], device=s.device) if keep is None else keep.nonzero()[:, 0]
         flat_labels = None if labels is None else labels.reshape(-1)
         t = None if teacher is None else teacher.reshape(-1, teacher.shape[-1])
@@ -162,8 +179,6 @@ class _FusedObjective(torch.autograd.Function):
         kd_sum = torch.zeros((), dtype=torch.float32, device=s.device)
         has_kd = teacher is not None or ids is not None
         alpha = alpha if has_kd else 1.0  # without a teacher the objective is CE alone
-        # Packed text scores every row: then a chunk is a slice (a view), not a gathered copy.
-        every = keep is None or bool(keep.all())
         for start in range(0, rows.shape[0], chunk):
             r: Tensor | slice = (
                 slice(start, start + chunk) if every else rows[start : start + chunk]
@@ -196,6 +211,8 @@ class _FusedObjective(torch.autograd.Function):
                     )
             if g is not None:
                 grad[r] = g.to(grad.dtype)
+            elif not zeroed:  # no teacher and no labels: nothing to differentiate
+                grad[r] = 0.0
         kd_scaled = kd_sum * temperature**2
         total = alpha * ce_sum + (1.0 - alpha) * kd_scaled if has_kd else ce_sum.clone()
         ctx.save_for_backward(grad)
@@ -206,7 +223,11 @@ class _FusedObjective(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_total: Tensor, *_: Any) -> tuple[Tensor | None, ...]:
         (grad,) = ctx.saved_tensors
-        return (grad.reshape(ctx.shape) * grad_total.to(grad.dtype),) + (None,) * 9
+        # In place: the buffer is this function's own (or the overwritten logits), read once.
+        # A second backward through the graph would fail autograd's version check on it.
+        if bool(grad_total != 1.0):
+            grad.mul_(grad_total.to(grad.dtype))
+        return (grad.reshape(ctx.shape),) + (None,) * 10
 
 
 def fused_kd_objective(
@@ -219,6 +240,7 @@ def fused_kd_objective(
     ignore_index: int = -100,
     chunk_tokens: int | None = None,
     beta: float = 0.0,
+    overwrite: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``alpha*CE + (1-alpha)*T^2*KD`` summed over unmasked tokens, with its CE and KD terms.
 
@@ -231,7 +253,11 @@ def fused_kd_objective(
         alpha: CE weight in [0, 1]. CE is at temperature 1; KD at ``temperature`` times ``T^2``.
         beta: with full teacher logits, the divergence is the generalised JSD at ``beta``
             (0 = forward KL, the default; 1 = reverse KL); ignored for top-k targets (forward KL).
-        chunk_tokens: rows per chunk; default about 1 MiB of fp32 per ``[rows, V]`` temporary.
+        chunk_tokens: rows per chunk; default about 1 MiB of fp32 per ``[rows, V]`` temporary
+            (8 MiB with top-k targets, whose chunks are bound by per-op dispatch).
+        overwrite: the logits are a temporary (e.g. the head's output, read by nothing else):
+            the gradient is written over them instead of into a new ``[N, V]`` buffer, and
+            they must not be read afterwards. Ignored unless ``student_logits`` is contiguous.
 
     Returns:
         ``(total, ce_sum, kd_sum)``: fp32 scalars in nats, summed (not averaged) over the
@@ -241,7 +267,8 @@ def fused_kd_objective(
     check_unit_interval("alpha", alpha)
     check_unit_interval("beta", beta)
     if chunk_tokens is None:
-        chunk_tokens = max(1, _CHUNK_BYTES // (4 * student_logits.shape[-1]))
+        per_chunk = _SPARSE_CHUNK_BYTES if isinstance(teacher, tuple) else _CHUNK_BYTES
+        chunk_tokens = max(1, per_chunk // (4 * student_logits.shape[-1]))
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
     dense = teacher if isinstance(teacher, Tensor) else None
@@ -264,6 +291,7 @@ def fused_kd_objective(
         int(chunk_tokens),
         int(ignore_index),
         float(beta),
+        bool(overwrite),
     )
     return result
 

@@ -12,6 +12,8 @@ Shapes, masking (labels aligned with logit positions, ``ignore_index``), reducti
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -31,6 +33,16 @@ from potstill.distill.losses._common import (
 #: probabilities leaves rounding errors of ~1e-7; without the floor such noise against a student
 #: tail of ~0 mass would be an arbitrary, possibly huge, term.
 TAIL_FLOOR = 1e-6
+
+
+class TopKTargets(NamedTuple):
+    """A teacher known by its top-k: ``ids`` ``[..., K]`` (pad slots -1) and fp32 ``logprobs``
+    ``[..., K]``. A tuple, so the losses that take ``(ids, logprobs)`` take it too; the type
+    tells :func:`~potstill.distill.losses.fused_linear_kd_loss` it is not a (hidden, weight)
+    pair."""
+
+    ids: Tensor
+    logprobs: Tensor
 
 
 def topk_from_logits(

@@ -34,6 +34,7 @@ def kd_objective(
     *,
     loss: LossConfig,
     reduction: str = "sum",
+    overwrite: bool = False,
 ) -> LossTerms:
     """``alpha*CE + (1-alpha)*KD`` and its terms, as token sums over ``labels != -100``.
 
@@ -43,7 +44,8 @@ def kd_objective(
     :func:`~potstill.distill.losses.fused.fused_kd_objective` (closed-form gradients in
     cache-sized token chunks: the step's hot spot); TVD and the skew KLs through their
     reference functions. ``reduction`` must be ``"sum"`` (the chunked path passes it); the loop
-    normalises once per optimizer step.
+    normalises once per optimizer step. ``overwrite``: the logits are a temporary the fused
+    path may write its gradient over (one ``[N, V]`` buffer fewer per step).
     """
     from potstill.distill.losses import LOSSES, ce_plus_kd, cross_entropy
     from potstill.distill.losses.fused import fused_kd_objective
@@ -54,7 +56,7 @@ def kd_objective(
     if teacher is None or isinstance(teacher, tuple) or fused_beta is not None:
         total, ce, kd = fused_kd_objective(
             student_logits, teacher, labels, alpha=loss.ce_weight, temperature=loss.temperature,
-            beta=fused_beta or 0.0,
+            beta=fused_beta or 0.0, overwrite=overwrite,
         )  # fmt: skip
         return LossTerms(total, ce, kd)
     extra: dict[str, float] = {}
