@@ -13,6 +13,9 @@ Fault injection (deterministic, by request count): ``fail_every=n`` answers ever
 request with 500, ``rate_limit_every=n`` with 429 + ``Retry-After``, ``drop_every=n`` closes
 the connection without answering.
 
+``GET .../models`` lists one model, ``fake``. :class:`StubClient` answers the audits' requests
+from a function instead, without a socket.
+
 In a thread: ``with FakeOpenAI(latency_s=0.01) as fake: fake.url``. As a process:
 ``python tests/fake_openai.py --port 0 --latency 0.02 --port-file F`` (writes the port to F).
 """
@@ -26,8 +29,12 @@ import json
 import math
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+from potstill.core.http import Response
 
 WORDS = ("the", "a", "model", "answers", "briefly", "with", "care", "and", "some", "detail")
 
@@ -99,6 +106,30 @@ class _Proto(asyncio.Protocol):
         )
 
 
+Handler = Callable[[str, dict[str, Any] | None], tuple[int, Any]]
+
+
+class StubClient:
+    """A :class:`potstill.core.openai_http.HTTPClient` stand-in: ``handler(path, body)``
+    (the URL's path, the parsed JSON body or None) returns ``(status, payload)``, a payload
+    being JSON-able or raw bytes. ``requests`` records (method, url, headers)."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+
+    def request(
+        self, method: str, url: str, *, body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Response:  # fmt: skip
+        self.requests.append((method, url, dict(headers or {})))
+        status, payload = self.handler(
+            urlsplit(url).path, None if body is None else json.loads(body)
+        )
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        return Response(status, {"content-length": str(len(data))}, data)
+
+
 class FakeOpenAI:
     def __init__(
         self,
@@ -144,6 +175,9 @@ class FakeOpenAI:
             return
         if self.fail_every and n % self.fail_every == 0:
             proto.send(500, b'{"error":{"message":"boom"}}')
+            return
+        if request_line.startswith("GET ") and request_line.split(" ")[1].endswith("/models"):
+            proto.send(200, b'{"object":"list","data":[{"id":"fake","object":"model"}]}')
             return
         try:
             req = json.loads(body)

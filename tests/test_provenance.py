@@ -8,7 +8,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import pytest
 import torch
@@ -34,6 +33,7 @@ from potstill.detect.provenance import (
 )
 from potstill.detect.stats import holm_adjusted
 
+from .fake_openai import StubClient
 from .test_cli import _tokenizer_mismatch_dir
 
 PROMPTS = default_prompts(16, seed=3)
@@ -133,14 +133,11 @@ def test_teacher_ll_works_across_tokenizers_and_endpoints(
     """An endpoint answering with the teacher's own greedy text is flagged by teacher_ll."""
     answers = dict(zip(PROMPTS, teacher.answers(PROMPTS, 8)))
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        body = json.loads(request.content)
-        assert request.url.path == "/v1/completions" and body["temperature"] == 0.0
-        return httpx.Response(200, json={"choices": [{"text": answers[body["prompt"]]}]})
+    def handler(path: str, body: Any) -> tuple[int, Any]:
+        assert path == "/v1/completions" and body["temperature"] == 0.0
+        return 200, {"choices": [{"text": answers[body["prompt"]]}]}
 
-    api = Endpoint(
-        "api", "http://suspect", client=httpx.Client(transport=httpx.MockTransport(handler))
-    )
+    api = Endpoint("api", "http://suspect", client=StubClient(handler))
     res = provenance_test(api, teacher, independents[:2], PROMPTS, statistic="auto", new_tokens=8)
     assert res.statistic == "teacher_ll" and res.flagged
     assert any("not checked" in w for w in res.warnings)
@@ -162,12 +159,7 @@ def test_teacher_ll_works_across_tokenizers_and_endpoints(
         provenance_test(independents[2], teacher, independents[:2], PROMPTS,
                         statistic="agreement", reference=independents[4])  # fmt: skip
 
-    def broken(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(200, json={"id": "x"})
-
-    bad = Endpoint(
-        "bad", "http://suspect", client=httpx.Client(transport=httpx.MockTransport(broken))
-    )
+    bad = Endpoint("bad", "http://suspect", client=StubClient(lambda p, b: (200, {"id": "x"})))
     with pytest.raises(PotstillError, match="without choices"):
         provenance_test(bad, teacher, independents[:2], PROMPTS, new_tokens=8)
 
@@ -292,28 +284,25 @@ def test_endpoint_likelihood_never_trusts_text_offsets_and_mixing_is_refused(
     nothing. An endpoint next to local models under model_ll is refused."""
     lps = {"Q: hi": [None, -1.0, -2.0], "Q: hi A: yo": [None, -1.0, -2.0, -0.5, -0.25]}
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        body = json.loads(request.content)
+    def handler(path: str, body: Any) -> tuple[int, Any]:
         assert body["echo"] and body["logprobs"] == 0 and body["max_tokens"] == 1
         vals = lps[body["prompt"]]
         logprobs = {"token_logprobs": [*vals, -9.0], "text_offset": [0] * (len(vals) + 1)}
-        return httpx.Response(200, json={
+        return 200, {
             "choices": [{"text": body["prompt"] + "x", "logprobs": logprobs}],
             "usage": {"prompt_tokens": len(vals), "completion_tokens": 1},
-        })  # fmt: skip
+        }
 
-    api = Endpoint("api", "http://e", client=httpx.Client(transport=httpx.MockTransport(handler)))
+    api = Endpoint("api", "http://e", client=StubClient(handler))
     assert api.answer_ll(["Q: hi"], [" A: yo"]) == [pytest.approx(-0.75 / len(b" A: yo"))]
     with pytest.raises(PotstillError, match="not comparable"):
         per_prompt_statistic("model_ll", teacher, [api, teacher], ["Q: hi"], 4, reference=teacher)
 
-    def no_usage(request: httpx.Request) -> httpx.Response:
+    def no_usage(path: str, body: Any) -> tuple[int, Any]:
         lp = {"token_logprobs": [None, -1.0], "text_offset": [0, 1]}
-        return httpx.Response(200, json={"choices": [{"text": "x", "logprobs": lp}]})
+        return 200, {"choices": [{"text": "x", "logprobs": lp}]}
 
-    bare = Endpoint(
-        "bare", "http://e", client=httpx.Client(transport=httpx.MockTransport(no_usage))
-    )
+    bare = Endpoint("bare", "http://e", client=StubClient(no_usage))
     with pytest.raises(PotstillError, match="model_ll needs them"):
         bare.answer_ll(["Q: hi"], [" A: yo"])
 

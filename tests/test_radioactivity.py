@@ -8,7 +8,6 @@ import random
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import torch
 from scipy import stats
@@ -32,6 +31,7 @@ from potstill.detect import (
     score_corpus,
 )
 
+from .fake_openai import StubClient
 from .test_cli import _tokenizer_mismatch_dir
 
 KEY = WatermarkKey(bytes(range(32)))
@@ -335,20 +335,19 @@ def test_library_bad_input(teacher: tuple[Any, Any]) -> None:
 def test_collect_generations_from_openai_compatible_endpoint() -> None:
     seen: list[dict[str, Any]] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
-        assert request.url.path == "/v1/chat/completions"
-        body = json.loads(request.content)
+    def handler(path: str, body: Any) -> tuple[int, Any]:
+        assert path == "/v1/chat/completions"
         seen.append(body)
         reply = body["messages"][0]["content"].upper()
-        return httpx.Response(200, json={"choices": [{"message": {"content": reply}}]})
+        return 200, {"choices": [{"message": {"content": reply}}]}
 
-    client = httpx.Client(transport=httpx.MockTransport(handler))
+    client = StubClient(handler)
     out = collect_generations("http://suspect/v1", ["hi", "yo"], client=client, max_tokens=7)
     assert out == ["HI", "YO"] and seen[0]["max_tokens"] == 7
-    bad = httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(500)))
+    bad = StubClient(lambda p, b: (500, b"boom"))
     with pytest.raises(PotstillError, match=r"suspect endpoint .* failed"):
         collect_generations("http://suspect", ["hi"], client=bad)
-    odd = httpx.Client(transport=httpx.MockTransport(lambda r: httpx.Response(200, json={})))
+    odd = StubClient(lambda p, b: (200, {}))
     with pytest.raises(PotstillError, match="OpenAI-compatible"):
         collect_generations("http://suspect", ["hi"], client=odd)
 

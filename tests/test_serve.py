@@ -81,6 +81,29 @@ def test_models_health_openapi(server: dict) -> None:
     assert {"/v1/completions", "/v1/chat/completions", "/v1/models"} <= set(schema["paths"])
 
 
+def test_the_audits_http_client_against_the_server(server: dict) -> None:
+    """potstill's own client (SyncClient, via core.openai_http) against uvicorn: the model
+    list over GET with the key, greedy completions over one kept-alive connection, and a
+    refused key as an error naming the endpoint."""
+    from potstill.core.errors import PotstillError
+    from potstill.core.http import SyncClient
+    from potstill.core.openai_http import first_model, post_json, route_url
+
+    assert first_model(server["url"], api_key=KEY, timeout=30) == MODEL
+    url = route_url(server["url"], "completions")
+    body = {"model": MODEL, "prompt": "hello", "max_tokens": 5, "temperature": 0.0}
+    kw: dict[str, Any] = {"api": "completions", "want": "text",
+                          "check": lambda d: d["choices"][0]["text"]}  # fmt: skip
+    with SyncClient(timeout=30) as http:
+        texts = [post_json(http, url, body, api_key=KEY, **kw)["choices"][0]["text"]
+                 for _ in range(3)]  # fmt: skip
+        assert len(http._conns) == 1 and next(iter(http._conns.values())).is_open
+        with pytest.raises(PotstillError, match=r"v1/completions failed: HTTP 401"):
+            post_json(http, url, body, api_key="sk-wrong", **kw)
+    want = client(server).completions.create(**body).choices[0].text
+    assert texts == [want] * 3
+
+
 def test_completions_n_usage(server: dict, tiny: tuple[Any, Any]) -> None:
     _, tok = tiny
     prompts = ["hello there", "ab"]

@@ -199,7 +199,6 @@ EXTRAS = {
     "uvicorn": "serve",
     "starlette": "serve",
     "scipy": "detect",
-    "httpx": "detect",
     "pyarrow": "cache",
 }
 

@@ -1,24 +1,35 @@
 """One synchronous call path to an OpenAI-compatible endpoint, for the audits that query a
-suspect (closed-mode radioactivity, provenance): the route URL, the bearer header, the JSON
-POST, and errors that name the endpoint and what its answer lacked.
+suspect (closed-mode radioactivity, provenance) and for the model list: the route URL, the
+bearer header, the JSON POST, and errors that name the endpoint and what its answer lacked.
 
-The harvester has its own asyncio client (:mod:`potstill.core.http`): it is built for
-thousands of concurrent requests with retries, which an audit of a few hundred prompts does
-not need.
+The requests go through the project's one HTTP client, :mod:`potstill.core.http`
+(:class:`~potstill.core.http.SyncClient`: its keep-alive connections driven one request at a
+time). The harvester drives the same connections concurrently, with retries.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from potstill.core.errors import PotstillError
 
 if TYPE_CHECKING:
-    import httpx
+    from potstill.core.http import Response
 
-__all__ = ["first_model", "open_client", "post_json", "route_url"]
+__all__ = ["HTTPClient", "first_model", "open_client", "post_json", "route_url"]
+
+
+class HTTPClient(Protocol):
+    """What the audits send requests through: :class:`~potstill.core.http.SyncClient`, or a
+    test's stand-in that answers without a socket."""
+
+    def request(
+        self, method: str, url: str, *, body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Response: ...  # fmt: skip
 
 
 def route_url(base_url: str, route: str) -> str:
@@ -28,23 +39,34 @@ def route_url(base_url: str, route: str) -> str:
 
 
 @contextlib.contextmanager
-def open_client(client: httpx.Client | None, timeout: float) -> Iterator[httpx.Client]:
-    """``client`` as given (the caller owns it; tests pass a mock transport), or a new one
-    closed on exit."""
-    import httpx
+def open_client(client: HTTPClient | None, timeout: float) -> Iterator[HTTPClient]:
+    """``client`` as given (the caller owns it), or a new SyncClient closed on exit."""
+    from potstill.core.http import SyncClient
 
     if client is not None:
         yield client
         return
-    own = httpx.Client(timeout=timeout)
-    try:
+    with SyncClient(timeout) as own:
         yield own
-    finally:
-        own.close()
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def _send(http: HTTPClient, method: str, url: str, body: bytes | None,
+          api_key: str | None) -> Response:  # fmt: skip
+    """The response, or a transport failure as OSError (a lost connection, a timeout)."""
+    from potstill.core.http import ConnectionLost
+
+    try:
+        return http.request(method, url, body=body, headers=_headers(api_key))
+    except (ConnectionLost, TimeoutError) as e:
+        raise OSError(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__) from None
 
 
 def post_json(
-    http: httpx.Client,
+    http: HTTPClient,
     url: str,
     body: dict[str, Any],
     *,
@@ -53,7 +75,7 @@ def post_json(
     want: str,
     check: Callable[[Any], object],
     who: str = "endpoint",
-    on_response: Callable[[httpx.Response], None] | None = None,
+    on_response: Callable[[Response], None] | None = None,
 ) -> Any:
     """POST ``body``; the parsed answer once ``check(answer)`` passes.
 
@@ -62,18 +84,16 @@ def post_json(
     understands (it runs before the generic status check). ``api`` names the OpenAI API the
     endpoint should serve (``completions``, ``chat``), in the error message.
     """
-    import httpx
-
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        resp = http.post(url, json=body, headers=headers)
+        resp = _send(http, "POST", url, json.dumps(body).encode(), api_key)
         if on_response is not None:
             on_response(resp)
-        resp.raise_for_status()
-        data = resp.json()
+        if resp.status >= 400:
+            raise OSError(f"HTTP {resp.status}: {resp.body[:200].decode(errors='replace')}")
+        data = json.loads(resp.body)
         check(data)
         return data
-    except httpx.HTTPError as e:
+    except OSError as e:
         raise PotstillError(
             f"{who} {url} failed: {e}; check the URL and that it serves the OpenAI {api} API"
         ) from None
@@ -83,17 +103,18 @@ def post_json(
         ) from None
 
 
-def first_model(base_url: str, *, api_key: str | None, timeout: float) -> str:
+def first_model(
+    base_url: str, *, api_key: str | None, timeout: float, client: HTTPClient | None = None
+) -> str:
     """The id of the first model ``GET /v1/models`` lists (PotstillError naming the endpoint)."""
-    import httpx
-
     url = route_url(base_url, "models")
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        resp = httpx.get(url, headers=headers, timeout=timeout)
-        resp.raise_for_status()
-        return str(resp.json()["data"][0]["id"])
-    except httpx.HTTPError as e:
+        with open_client(client, timeout) as http:
+            resp = _send(http, "GET", url, None, api_key)
+        if resp.status >= 400:
+            raise OSError(f"HTTP {resp.status}")
+        return str(json.loads(resp.body)["data"][0]["id"])
+    except OSError as e:
         raise PotstillError(
             f"endpoint {url} failed: {e}; check the URL, the key, or name the model explicitly"
         ) from None

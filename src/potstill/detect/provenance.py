@@ -104,7 +104,7 @@ class Endpoint:
     model: str = "default"
     api_key: str | None = None
     timeout: float = 120.0
-    client: Any = None  # an httpx.Client (tests pass one with a mock transport)
+    client: Any = None  # an HTTPClient (core.openai_http); None: a SyncClient per batch
 
     def answers(self, prompts: Sequence[str], n_new: int) -> list[str]:
         bodies = [{"prompt": p, "max_tokens": n_new, "temperature": 0.0} for p in prompts]
@@ -166,9 +166,10 @@ class Endpoint:
             ]  # fmt: skip
 
     def _refused_echo(self, resp: Any) -> None:
-        if resp.status_code == 400:
+        if resp.status == 400:
             raise PotstillError(
-                f"endpoint {self.name} refused echoed logprobs ({resp.text[:200]}): "
+                f"endpoint {self.name} refused echoed logprobs "
+                f"({resp.body[:200].decode(errors='replace')}): "
                 "--statistic model_ll needs them; use --statistic teacher_ll"
             )
 

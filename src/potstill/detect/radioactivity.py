@@ -43,9 +43,9 @@ from potstill.core.watermark.detect import ScoreTuple, pooled_pvalue, text_tuple
 from potstill.core.watermark.params import WatermarkParams
 
 if TYPE_CHECKING:
-    import httpx
     from transformers import PreTrainedTokenizerBase
 
+    from potstill.core.openai_http import HTTPClient
     from potstill.core.watermark.keys import WatermarkKey
 
 __all__ = [
@@ -422,13 +422,14 @@ def collect_generations(
     temperature: float = 1.0,
     api_key: str | None = None,
     timeout: float = 120.0,
-    client: httpx.Client | None = None,
+    client: HTTPClient | None = None,
 ) -> list[str]:
     """The suspect's answers to ``prompts`` from an OpenAI-compatible chat endpoint.
 
     ``base_url``: e.g. ``http://host:8000`` or ``http://host:8000/v1``; one POST to
-    ``/v1/chat/completions`` per prompt (a single user turn). ``client``: an
-    ``httpx.Client`` to use (tests pass one with a mock transport).
+    ``/v1/chat/completions`` per prompt (a single user turn). ``client``: the
+    :class:`~potstill.core.openai_http.HTTPClient` to use (default: a new
+    :class:`~potstill.core.http.SyncClient`; tests pass a stand-in).
     """
     from potstill.core.openai_http import open_client, post_json, route_url
 
