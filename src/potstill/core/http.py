@@ -196,6 +196,9 @@ class SyncClient:
         return self._loop.run_until_complete(conn.request(method, path, body, self.timeout, extra))
 
     def close(self) -> None:
+        """Close the connections and the loop (again: a no-op)."""
+        if self._loop.is_closed():
+            return
         for conn in self._conns.values():
             conn.close()
         self._conns.clear()
