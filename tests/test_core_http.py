@@ -81,3 +81,40 @@ def test_collect_generations_through_a_real_socket() -> None:
         answer_text(json.dumps([{"role": "user", "content": p}]), None, 12) for p in ("hi", "yo")
     ]
     assert out == want
+
+
+def test_a_timeout_is_raised_not_retried() -> None:
+    """The answer to request 2 comes after the client's timeout on a kept-alive connection:
+    TimeoutError, and the server saw that request once (a retry would send it again)."""
+    with FakeOpenAI() as fake, SyncClient(timeout=5) as client:
+        _completion(client, fake.url, "one")
+        fake.latency_s, client.timeout = 1.0, 0.2
+        with pytest.raises(TimeoutError):
+            _completion(client, fake.url, "two")
+        assert fake.n_requests == 2
+
+
+def test_sync_client_works_from_inside_a_running_loop() -> None:
+    """A notebook or an async app calls the audits from a coroutine: the private loop then
+    runs in a worker thread instead of failing on the busy one."""
+    import asyncio
+
+    async def main(url: str) -> dict[str, Any]:
+        with SyncClient(timeout=5) as client:
+            return _completion(client, url, "one")
+
+    with FakeOpenAI() as fake:
+        out = asyncio.run(main(fake.url))
+    assert out["choices"][0]["text"] == answer_text("one", None, 16)
+
+
+def test_host_header_brackets_an_ipv6_literal_and_keys_must_be_latin1() -> None:
+    from potstill.core.http import Endpoint
+
+    assert Endpoint.parse("http://[::1]:8000/v1").host_header == "[::1]:8000"
+    assert Endpoint.parse("https://[::1]/v1").host_header == "[::1]"
+    assert Endpoint.parse("http://example.com:80/v1").host_header == "example.com"
+    with SyncClient(timeout=5) as client, pytest.raises(PotstillError, match="Latin-1"):
+        client.request(
+            "GET", "http://127.0.0.1:9/v1/models", headers={"authorization": "Bearer ключ"}
+        )

@@ -337,3 +337,25 @@ def test_fused_linear_refuses_mismatched_topk_shapes() -> None:
     with pytest.raises(ValueError, match="leading shape"):
         fused_linear_kd_loss(forward_kl, make((N, H), 1), make((V, H), 2),
                              TopKTargets(ids[:5], torch.zeros((5, 4))))  # fmt: skip
+
+
+def test_fused_linear_under_autocast_projects_in_the_autocast_dtype() -> None:
+    """Under bf16 autocast the per-chunk projection is autocast's bf16 GEMM (as the model's own
+    head would run), not an fp32 one into the reused buffer."""
+    hidden, w, t = make((N, H), 50), make((V, H), 51), make((N, V), 52)
+    bf16_ref = forward_kl((hidden.bfloat16() @ w.bfloat16().T).float(), t, FUSED_LABELS)
+    fp32_ref = forward_kl(hidden @ w.T, t, FUSED_LABELS)
+    with torch.autocast("cpu", torch.bfloat16):
+        got = fused_linear_kd_loss(forward_kl, hidden, w, t, FUSED_LABELS, chunk_tokens=4)
+    torch.testing.assert_close(got, bf16_ref, rtol=1e-5, atol=1e-5)
+    assert abs(float(got) - float(fp32_ref)) > 1e-4  # the two projections differ here
+    got32 = fused_linear_kd_loss(forward_kl, hidden, w, t, FUSED_LABELS, chunk_tokens=4)
+    torch.testing.assert_close(got32, fp32_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_a_plain_ids_tuple_is_refused_as_a_teacher_pair() -> None:
+    ids = torch.zeros((N, 4), dtype=torch.long)
+    with pytest.raises(ValueError, match="TopKTargets"):
+        fused_linear_kd_loss(
+            forward_kl, make((N, H), 1), make((V, H), 2), (ids, torch.zeros((N, 4)))
+        )

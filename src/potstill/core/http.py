@@ -16,17 +16,29 @@ completions and the model list. It is the project's one HTTP client stack.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import ssl
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from potstill.core.errors import PotstillError
 
 _timeout = getattr(asyncio, "timeout", None)
+_T = TypeVar("_T")
 
 
 class ConnectionLost(Exception):
-    """The connection failed or closed before a complete response (retryable)."""
+    """The connection failed or closed before a complete response (retryable).
+
+    ``unanswered``: it failed while the request went out or before any byte of an answer
+    came back, as on a kept-alive connection the server had closed while it was idle.
+    """
+
+    def __init__(self, message: str, *, unanswered: bool = False) -> None:
+        super().__init__(message)
+        self.unanswered = unanswered
 
 
 @dataclass(frozen=True)
@@ -50,7 +62,8 @@ class Endpoint:
     @property
     def host_header(self) -> str:
         default = 443 if self.scheme == "https" else 80
-        return self.host if self.port == default else f"{self.host}:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host  # an IPv6 literal
+        return host if self.port == default else f"{host}:{self.port}"
 
 
 @dataclass
@@ -99,6 +112,9 @@ class Connection:
                 async with _timeout(timeout):
                     return await self._send(method, path, body, headers)
             return await asyncio.wait_for(self._send(method, path, body, headers), timeout)
+        except (TimeoutError, ConnectionLost):  # TimeoutError is an OSError since 3.11
+            self.close()
+            raise
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
             self.close()
             raise ConnectionLost(f"{type(e).__name__}: {e}") from e
@@ -117,17 +133,25 @@ class Connection:
             f"{method} {self.endpoint.base_path}{path} HTTP/1.1\r\nhost: {self.endpoint.host_header}\r\n"
             f"accept-encoding: identity\r\n{self._static}{headers}{length}\r\n"
         )
-        self._writer.write(head.encode("latin-1") + (body or b""))  # one write: no Nagle stall
-        await self._writer.drain()
-        resp = await _read_response(self._reader)
+        try:
+            self._writer.write(head.encode("latin-1") + (body or b""))  # one write: no Nagle stall
+            await self._writer.drain()
+            first = await self._reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError as e:
+            if e.partial:
+                raise
+            raise ConnectionLost("closed before answering", unanswered=True) from e
+        except (ConnectionResetError, BrokenPipeError) as e:
+            raise ConnectionLost(f"{type(e).__name__}: {e}", unanswered=True) from e
+        resp = await _read_response(self._reader, first)
         if resp.headers.get("connection", "").lower() == "close":
             self.close()
         return resp
 
 
-async def _read_response(reader: asyncio.StreamReader) -> Response:
+async def _read_response(reader: asyncio.StreamReader, raw: bytes) -> Response:
+    """The response whose head ``raw`` (through its blank line) was read already."""
     while True:
-        raw = await reader.readuntil(b"\r\n\r\n")
         lines = raw.decode("latin-1").split("\r\n")
         status = int(lines[0].split(" ", 2)[1])
         headers: dict[str, str] = {}
@@ -137,6 +161,7 @@ async def _read_response(reader: asyncio.StreamReader) -> Response:
                 headers[name.strip().lower()] = value.strip()
         if status != 100:  # skip "100 Continue" interim responses
             break
+        raw = await reader.readuntil(b"\r\n\r\n")
     if "chunked" in headers.get("transfer-encoding", "").lower():
         chunks = []
         while True:
@@ -184,16 +209,30 @@ class SyncClient:
             conn = self._conns[key] = Connection(Endpoint(*key, base_path=""), {})
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        try:
+            extra.encode("latin-1")
+        except UnicodeEncodeError:
+            raise PotstillError(
+                "an HTTP header (the API key?) holds a non-Latin-1 character"
+            ) from None
         reused = conn.is_open
         try:
-            return self._loop.run_until_complete(
-                conn.request(method, path, body, self.timeout, extra)
-            )
-        except ConnectionLost:
-            if not reused:
-                raise
+            return self._run(conn.request(method, path, body, self.timeout, extra))
+        except ConnectionLost as e:
+            if not (reused and e.unanswered):
+                raise  # a fresh connection failed, or an answer had begun: not sent twice
         # A kept-alive connection the server had closed while idle: once more, on a new one.
-        return self._loop.run_until_complete(conn.request(method, path, body, self.timeout, extra))
+        return self._run(conn.request(method, path, body, self.timeout, extra))
+
+    def _run(self, coro: Coroutine[Any, Any, _T]) -> _T:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # the usual case: no loop runs in this thread
+            return self._loop.run_until_complete(coro)
+        # Called from a coroutine (a notebook, an async app): this thread's loop is busy, so the
+        # private one runs in a worker thread (the call still blocks, as a sync client does).
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(self._loop.run_until_complete, coro).result()
 
     def close(self) -> None:
         """Close the connections and the loop (again: a no-op)."""
@@ -203,7 +242,7 @@ class SyncClient:
             conn.close()
         self._conns.clear()
         # Let the transports finish closing before the loop goes.
-        self._loop.run_until_complete(asyncio.sleep(0))
+        self._run(asyncio.sleep(0))
         self._loop.close()
 
     def __enter__(self) -> SyncClient:

@@ -209,14 +209,16 @@ class _FusedLinearKD(torch.autograd.Function):
         # One [chunk, V] buffer for every chunk's logits: a fresh one per chunk would be
         # page-faulted afresh each time (glibc maps blocks this big on each allocation); a
         # loss_fn that writes its gradient over the logits (kd_objective(overwrite=True))
-        # then needs no second one.
-        work = hidden.new_empty(
+        # then needs no second one. Under autocast the projection stays autocast's (an op
+        # with out= is not autocast), in a fresh tensor per chunk.
+        autocast = torch.is_autocast_enabled(hidden.device.type)
+        work = None if autocast else hidden.new_empty(
             (min(chunk_tokens, rows.numel()), w32.shape[0]), dtype=torch.float32
-        )
+        )  # fmt: skip
         for where in _chunks(rows, chunk_tokens, lead):
             h32 = hidden[where].detach().float()
             with torch.no_grad():
-                logits = torch.mm(h32, w32.T, out=work[: h32.shape[0]])
+                logits = h32 @ w32.T if work is None else torch.mm(h32, w32.T, out=work[: len(h32)])
                 t_chunk: Tensor | TopKTargets | None = None
                 if teacher_logits is not None:
                     t_chunk = teacher_logits[where]
@@ -281,6 +283,11 @@ def _check_fused_shapes(
         t_vocab, t_lead = teacher.shape[-1], teacher.shape[:-1]
     else:
         th, tw = teacher
+        if not (th.is_floating_point() and tw.is_floating_point()):
+            raise ValueError(
+                "a (teacher_hidden, teacher_weight) pair must be float tensors; pass top-k "
+                "targets as TopKTargets(ids, logprobs)"
+            )
         if tw.dim() != 2 or th.shape[-1] != tw.shape[1]:
             raise ValueError(
                 f"teacher_weight must be [V, Ht] with Ht = teacher_hidden.shape[-1]; got weight "
