@@ -199,14 +199,12 @@ class SyncClient:
     ) -> Response:  # fmt: skip
         """``method`` ``url`` (a full ``http(s)://`` URL) with a JSON ``body``; raises
         ConnectionLost, TimeoutError, or PotstillError for a URL it cannot use."""
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise PotstillError(f"bad URL {url!r}; use http(s)://host[:port]/path")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        key = (parts.scheme, parts.hostname, port)
+        ep = Endpoint.parse(url)  # the scheme, host and port, checked as for the harvester
+        key = (ep.scheme, ep.host, ep.port)
         conn = self._conns.get(key)
         if conn is None:
             conn = self._conns[key] = Connection(Endpoint(*key, base_path=""), {})
+        parts = urlsplit(url)
         path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         try:

@@ -54,15 +54,25 @@ def _headers(api_key: str | None) -> dict[str, str]:
     return {"authorization": f"Bearer {api_key}"} if api_key else {}
 
 
-def _send(http: HTTPClient, method: str, url: str, body: bytes | None,
-          api_key: str | None) -> Response:  # fmt: skip
-    """The response, or a transport failure as OSError (a lost connection, a timeout)."""
+class _Unreachable(Exception):
+    """No usable answer: the connection failed, timed out, or the status was an error."""
+
+
+def _send(http: HTTPClient, method: str, url: str, body: bytes | None, api_key: str | None,
+          on_response: Callable[[Response], None] | None = None) -> Response:  # fmt: skip
+    """The response with a status below 400, else _Unreachable saying why; ``on_response``
+    sees it first (it may raise a PotstillError for a status it understands)."""
     from potstill.core.http import ConnectionLost
 
     try:
-        return http.request(method, url, body=body, headers=_headers(api_key))
+        resp = http.request(method, url, body=body, headers=_headers(api_key))
     except (ConnectionLost, TimeoutError) as e:
-        raise OSError(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__) from None
+        raise _Unreachable(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__) from None
+    if on_response is not None:
+        on_response(resp)
+    if resp.status >= 400:
+        raise _Unreachable(f"HTTP {resp.status}: {resp.body[:200].decode(errors='replace')}")
+    return resp
 
 
 def post_json(
@@ -85,15 +95,11 @@ def post_json(
     endpoint should serve (``completions``, ``chat``), in the error message.
     """
     try:
-        resp = _send(http, "POST", url, json.dumps(body).encode(), api_key)
-        if on_response is not None:
-            on_response(resp)
-        if resp.status >= 400:
-            raise OSError(f"HTTP {resp.status}: {resp.body[:200].decode(errors='replace')}")
+        resp = _send(http, "POST", url, json.dumps(body).encode(), api_key, on_response)
         data = json.loads(resp.body)
         check(data)
         return data
-    except OSError as e:
+    except _Unreachable as e:
         raise PotstillError(
             f"{who} {url} failed: {e}; check the URL and that it serves the OpenAI {api} API"
         ) from None
@@ -111,10 +117,8 @@ def first_model(
     try:
         with open_client(client, timeout) as http:
             resp = _send(http, "GET", url, None, api_key)
-        if resp.status >= 400:
-            raise OSError(f"HTTP {resp.status}")
         return str(json.loads(resp.body)["data"][0]["id"])
-    except OSError as e:
+    except _Unreachable as e:
         raise PotstillError(
             f"endpoint {url} failed: {e}; check the URL, the key, or name the model explicitly"
         ) from None

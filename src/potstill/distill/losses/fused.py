@@ -164,7 +164,7 @@ class _FusedObjective(torch.autograd.Function):
         # over a reused one 9-15 ms). ``overwrite`` writes the gradient over the logits
         # instead, each row once its values are used; masked rows then get a zero gradient.
         zeroed = not every  # masked rows must read 0; a kept row is written in the loop
-        if overwrite and s.data_ptr() == student.data_ptr() and s.is_contiguous():
+        if overwrite and student.is_contiguous():  # then s is a view of the logits
             grad = s
             if keep is not None and zeroed:
                 grad[~keep] = 0.0
@@ -225,8 +225,7 @@ class _FusedObjective(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         # In place: the buffer is this function's own (or the overwritten logits), read once.
         # A second backward through the graph would fail autograd's version check on it.
-        if bool(grad_total != 1.0):
-            grad.mul_(grad_total.to(grad.dtype))
+        grad.mul_(grad_total.to(grad.dtype))
         return (grad.reshape(ctx.shape),) + (None,) * 10
 
 
