@@ -1,8 +1,9 @@
 """A tiny, fast, deterministic fake OpenAI endpoint for tests and benchmarks.
 
 A raw asyncio HTTP/1.1 server (keep-alive, Content-Length bodies) that answers
-``POST .../chat/completions`` and ``POST .../completions`` after a fixed latency (scheduled
-with ``loop.call_later``, so thousands of requests can be in flight on one core).
+``POST .../chat/completions`` and ``POST .../completions`` after a fixed latency from the
+request's arrival (scheduled with ``loop.call_at`` on a loop that waits in microseconds, see
+:func:`precise_loop`, so thousands of requests can be in flight on one core).
 
 Answers are a pure function of (prompt text, seed, max_tokens): ``"Answer <h>: <words>"``.
 With ``logprobs`` the completion is tokenized one UTF-8 *byte* per token (the tiny test
@@ -28,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import selectors
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +39,14 @@ from urllib.parse import urlsplit
 from potstill.core.http import Response
 
 WORDS = ("the", "a", "model", "answers", "briefly", "with", "care", "and", "some", "detail")
+
+
+def precise_loop() -> asyncio.AbstractEventLoop:
+    """An event loop whose timers fire on time: asyncio's default epoll selector rounds every
+    wait up to a whole millisecond, so a 20 ms ``call_later`` answered after 20.7 ms on
+    average and the endpoint was slower than its nominal latency; ``select()`` waits in
+    microseconds. It handles fds below 1024, which covers every test and benchmark here."""
+    return asyncio.SelectorEventLoop(selectors.SelectSelector())
 
 
 def answer_text(prompt: str, seed: int | None, max_tokens: int) -> str:
@@ -162,6 +172,8 @@ class FakeOpenAI:
         return f"http://{self.host}:{self.port}/v1"
 
     def _handle(self, proto: _Proto, request_line: str, body: bytes) -> None:
+        assert self._loop is not None
+        due = self._loop.time() + self.latency_s  # the latency runs from the request's arrival
         self.n_requests += 1
         n = self.n_requests
         if self.drop_every and n % self.drop_every == 0:
@@ -188,9 +200,8 @@ class FakeOpenAI:
         if self.record:
             self.bodies.append(req)
         data = json.dumps(payload).encode()
-        assert self._loop is not None
         if self.latency_s > 0:
-            self._loop.call_later(self.latency_s, proto.send, 200, data)
+            self._loop.call_at(due, proto.send, 200, data)
         else:
             proto.send(200, data)
 
@@ -244,7 +255,7 @@ class FakeOpenAI:
         ready = threading.Event()
 
         def run() -> None:
-            loop = asyncio.new_event_loop()
+            loop = precise_loop()
             loop.run_until_complete(self.start_async())
             ready.set()
             loop.run_forever()
@@ -278,7 +289,8 @@ def main() -> None:
         os.replace(tmp, args.port_file)
         await asyncio.Event().wait()
 
-    asyncio.run(serve())
+    with asyncio.Runner(loop_factory=precise_loop) as runner:
+        runner.run(serve())
 
 
 if __name__ == "__main__":
