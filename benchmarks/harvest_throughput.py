@@ -18,8 +18,8 @@ every chat request after a fixed latency; the physical bound is ``concurrency / 
 The rivals do less work than the harvester (no store), which favours them. The fake's own
 capacity is measured too (``potstill_client`` at zero latency), and so is its mean round
 trip one request at a time (``endpoint_one_stream_ms``, nominal latency plus loopback and
-timer wake-up), so a low row can be laid on the endpoint or on the client. ``speedup_vs_openai_sdk`` = harvester / SDK;
-``fraction_of_bound`` = harvester / bound; ``client_vs_best_library`` = potstill's client over
+timer wake-up), so a low row can be laid on the endpoint or on the client.
+``speedup_vs_openai_sdk`` = harvester / SDK; ``fraction_of_bound`` = harvester / bound; ``client_vs_best_library`` = potstill's client over
 the fastest library. ``stack`` is the decision these figures give (:func:`stack_decision`): a
 library replaces the hand-written client if it comes within 10% of it and, bare, reaches the
 0.9 of the bound the harvester must reach.
