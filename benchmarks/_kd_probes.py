@@ -1,5 +1,6 @@
-"""The kd_throughput benchmark's probes: the matmul peak (the MFU denominator) and the peak
-memory of one KD loss step, each variant in a fresh process (``kd_throughput.py --rss-probe``)."""
+"""The kd_throughput benchmark's probes: the matmul peak (the MFU denominator), the peak
+memory of one KD loss step, each variant in a fresh process (``kd_throughput.py --rss-probe``),
+and where an online KD step's time goes (its GEMM floor)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -91,3 +93,64 @@ def measure_peak(variant: str, a: argparse.Namespace, ht: int) -> dict[str, floa
     if proc.returncode != 0:
         raise RuntimeError(f"rss probe {variant} failed: {proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- online step
+
+
+#: Profiler op names counted as matrix multiplies (the linear layers and the heads) and as
+#: attention (the fused SDPA kernels, forward and backward).
+_GEMM_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+_ATTENTION_PREFIX = "aten::_scaled_dot_product"
+
+
+def online_step_profile(cfg: Any, tokenizer: Any, device: str, steps: int = 3) -> dict[str, Any]:
+    """Where one online KD step's time goes: the real recipe's step (teacher forward, student
+    forward, the fused KD loss, backward, AdamW) under ``torch.profiler``, ``steps`` times
+    after two warm-up steps. Returns the median wall time and, per category, the median of the
+    ops' self time (seconds): GEMMs (:data:`_GEMM_OPS`), attention, and everything else
+    (elementwise ops, norms, casts, the loss's softmaxes, the optimizer). The GEMM time is the
+    step's floor with these kernels: what is left if every other op took no time at all."""
+    import contextlib
+    import statistics
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from potstill.distill.train.data import prepare_data
+    from potstill.distill.train.models import load_teacher
+    from potstill.distill.train.recipe import HiddenLM, make_optimizer, micro_loss
+    from potstill.distill.train.student import build_student
+
+    student = build_student(cfg.student, tokenizer, max_len=cfg.data.seq_len).to(device)
+    model = HiddenLM(student)
+    teacher = load_teacher(cfg, tokenizer, int(student.get_output_embeddings().weight.shape[0]))
+    teacher.to(device)
+    opt = make_optimizer(model, cfg)
+    td = prepare_data(cfg, tokenizer, world_size=1)
+    ctx = torch.autocast(device, torch.bfloat16) if cfg.train.bf16 else contextlib.nullcontext()
+
+    def step(i: int) -> None:
+        batch = {k: v.to(device) for k, v in td.micro_batch(i % td.batches_per_epoch, 0).items()}
+        with ctx:
+            loss = micro_loss(model, teacher, batch, cfg).total / batch["labels"].numel()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync(device)
+
+    step(0)
+    step(1)
+    rows: dict[str, list[float]] = {"wall": [], "gemm": [], "attention": [], "other": []}
+    for i in range(steps):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            step(2 + i)
+            wall = time.perf_counter() - t0
+        self_s = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+        gemm = sum(v for k, v in self_s.items() if k in _GEMM_OPS)
+        attn = sum(v for k, v in self_s.items() if k.startswith(_ATTENTION_PREFIX))
+        rows["wall"].append(wall)
+        rows["gemm"].append(gemm)
+        rows["attention"].append(attn)
+        rows["other"].append(sum(self_s.values()) - gemm - attn)
+    return {f"{k}_s": statistics.median(v) for k, v in rows.items()} | {"steps": steps}

@@ -22,6 +22,9 @@ dtype, and written to ``benchmarks/results/kd_throughput.json``:
   Attention score FLOPs (``~12 * layers * T * width`` per token) and the softmax/loss are not
   counted (standard "6N" accounting). ``mfu_student`` times the student's training step
   alone (fwd + bwd + AdamW, the cached-teacher step) in fp32 against the fp32 peak;
+* what limits ``speedup_online_vs_trl`` (``online_vs_trl_limits``): one online step of the real
+  recipe under ``torch.profiler``, split into GEMM, attention and other self time, and TRL's
+  step over the GEMM time alone and over the step's model FLOPs at the matmul peak;
 * peak RSS (CPU: ``VmHWM`` of /proc/self/status; CUDA: ``max_memory_allocated``) of one KD loss step (student
   head + forward KL + backward) at ``V=49152``, ``B*T=4096``, plain vs
   ``fused_linear_kd_loss`` chunked, each in a fresh subprocess;
@@ -48,7 +51,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import make_log, sync, write_result
-from _kd_probes import matmul_peak, measure_peak, rss_probe
+from _kd_probes import matmul_peak, measure_peak, online_step_profile, rss_probe
 from _kd_trl import run_trl
 from _provenance import provenance
 
@@ -364,6 +367,8 @@ def _throughput(a: argparse.Namespace, m: dict[str, Any], tok: Any) -> dict[str,
     n_teacher = m["n_teacher"]
     flops_tok = {"online": 6 * n_student + 2 * n_teacher, "cached": 6 * n_student,
                  "plain_ce": 6 * n_student, "trl": 6 * n_student + 2 * n_teacher}  # fmt: skip
+    profile = online_step_profile(distill_cfg(a, tmp / "z", data, a.teacher), tok, a.device)
+    log(f"online step profiled: {profile['wall_s']:.2f}s, GEMMs {profile['gemm_s']:.2f}s")
     step_s, step_tokens, n_mfu = student_step_time(a, m["cache_dir"], data, tok)
     mfu_student = 6 * n_mfu * step_tokens / step_s / m["peak32"]
     log(
@@ -377,6 +382,8 @@ def _throughput(a: argparse.Namespace, m: dict[str, Any], tok: Any) -> dict[str,
         "n_student": n_student,
         "mfu_runs": {k: tps[k] * flops_tok[k] / m["peak_run"] for k in tps},
         "mfu_student": mfu_student,
+        "online_profile": profile,
+        "flops_online_step": flops_tok["online"] * tokens_per_step,
         "mfu_detail": {
             "params": n_mfu,
             "tokens_per_step": step_tokens,
@@ -460,6 +467,7 @@ def _result(a: argparse.Namespace, m: dict[str, Any]) -> dict[str, Any]:
         "mfu_formula": "tokens/s * (6*N_student + 2*N_teacher [online only]) / matmul peak of the run dtype",
         "mfu_student": m["mfu_student"],
         "mfu_student_detail": m["mfu_detail"],
+        "online_vs_trl_limits": _limits(a, m),
         "kd_loss_peak_mb": {"plain": plain, "chunked": chunked, "vocab": 49152, "tokens": 4096},
         "chunked_peak_ratio": chunked["peak_mb"] / plain["peak_mb"],
         "chunked_step_increment_ratio": (chunked["peak_mb"] - chunked["baseline_mb"])
@@ -492,11 +500,31 @@ def _result(a: argparse.Namespace, m: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _limits(a: argparse.Namespace, m: dict[str, Any]) -> dict[str, Any]:
+    """What bounds ``speedup_online_vs_trl`` on this machine: TRL's step over (a) the online
+    step's GEMM self time alone (every other op free, these kernels), and (b) its model FLOPs at
+    the measured matmul peak; and the non-GEMM time a 2.5x step could afford."""
+    trl_s, prof = steady(m["times"]["trl"], a.warmup), m["online_profile"]
+    return {
+        "profile": prof,
+        "trl_step_s": trl_s,
+        "speedup_if_only_gemms": trl_s / prof["gemm_s"],
+        "speedup_at_matmul_peak": trl_s / (m["flops_online_step"] / m["peak_run"]),
+        "non_gemm_s_allowed_at_2_5x": trl_s / 2.5 - prof["gemm_s"],
+        "note": "profile: the online step (teacher forward, student step) under torch.profiler, "
+        "median of 3; gemm_s: the self time of aten::mm/addmm/bmm/baddbmm, attention_s: "
+        "SDPA, other_s: every other op (elementwise, norms, casts, the loss, AdamW)",
+    }
+
+
 def print_summary(r: dict[str, Any]) -> None:
     t = r["tokens_per_s"]
     print(f"\ntokens/s   online {t['online']:.0f}   TRL GKD {t['trl']:.0f}   "
           f"cached {t['cached']:.0f}   plain CE {t['plain_ce']:.0f}")  # fmt: skip
     print(f"like for like   online/TRL {r['speedup_online_vs_trl']:.2f}x (target >= 2.5)")
+    lim = r["online_vs_trl_limits"]
+    print(f"  its limits    {lim['speedup_if_only_gemms']:.2f}x if only the GEMMs took time, "
+          f"{lim['speedup_at_matmul_peak']:.2f}x at the matmul peak")  # fmt: skip
     print(f"bound           cached/plain CE {r['cached_vs_plain_ce']:.2f} (target >= 0.9)")
     print(f"different algorithms   cached/TRL {r['speedup_cached_vs_trl']:.2f}x")
     print(f"MFU        student step {r['mfu_student']:.1%} of fp32 matmul peak (target >= 65%)")
