@@ -140,13 +140,17 @@ def online_step_profile(cfg: Any, tokenizer: Any, device: str, steps: int = 3) -
 
     step(0)
     step(1)
+    # On CUDA an op's self time on the host is its launch; the kernels' time is on the device.
+    cuda = device == "cuda"
+    acts = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    field = "self_device_time_total" if cuda else "self_cpu_time_total"
     rows: dict[str, list[float]] = {"wall": [], "gemm": [], "attention": [], "other": []}
     for i in range(steps):
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=acts) as prof:
             t0 = time.perf_counter()
             step(2 + i)
             wall = time.perf_counter() - t0
-        self_s = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+        self_s = {e.key: getattr(e, field) / 1e6 for e in prof.key_averages()}
         gemm = sum(v for k, v in self_s.items() if k in _GEMM_OPS)
         attn = sum(v for k, v in self_s.items() if k.startswith(_ATTENTION_PREFIX))
         rows["wall"].append(wall)
