@@ -512,7 +512,7 @@ def _limits(a: argparse.Namespace, m: dict[str, Any]) -> dict[str, Any]:
         "speedup_at_matmul_peak": trl_s / (m["flops_online_step"] / m["peak_run"]),
         "non_gemm_s_allowed_at_2_5x": trl_s / 2.5 - prof["gemm_s"],
         "note": "profile: the online step (teacher forward, student step) under torch.profiler, "
-        "median of 3; gemm_s: the self time of aten::mm/addmm/bmm/baddbmm, attention_s: "
+        f"median of {prof['steps']}; gemm_s: the self time of aten::mm/addmm/bmm/baddbmm, attention_s: "
         "SDPA, other_s: every other op (elementwise, norms, casts, the loss, AdamW)",
     }
 
